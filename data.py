@@ -1,0 +1,221 @@
+"""Everything between files on disk and model inputs.
+
+annotations -> list[Sample]        load_annotations()
+video file  -> frames + metadata   load_video()
+Sample      -> prompt text         prompt_messages(), PROMPT
+answer text -> (start, end)        parse_span()
+samples     -> model inputs        encode()   (the model's own AutoProcessor; left-padded)
+
+The prompt and answer format are the field's (TimeLens, followed by Video-OPD), without thinking.
+"""
+import json
+import os
+import re
+from dataclasses import dataclass
+
+import numpy as np
+
+PROMPT = ("Please find the visual event described by the sentence '{query}', determining its starting and ending "
+          "times. The format should be: 'The event happens in <start time> - <end time> seconds'.")
+ANSWER = "The event happens in {start:.1f} - {end:.1f} seconds"  # the target text, for SFT and examples
+
+
+@dataclass
+class Sample:
+    video: str                  # path to the video file
+    query: str                  # the sentence to ground
+    span: tuple[float, float]   # ground truth (start, end) in seconds
+    duration: float | None      # video length in seconds, when the annotation gives it
+    id: str                     # unique per query, e.g. "OHOFG#2"
+
+
+class DataError(ValueError):
+    """Bad input, with a message that names the file (and line or key)."""
+
+
+# ----------------------------------------------------------------------------- annotations
+def _detect_format(path, text):
+    """'charades_txt' | 'json' | 'qvhighlights' | 'jsonl' from the file's content (not its name)."""
+    try:
+        obj = json.loads(text)
+        if isinstance(obj, dict) and all(isinstance(v, dict) and "timestamps" in v for v in obj.values()):
+            return "json"
+    except json.JSONDecodeError:
+        pass
+    first = next((line for line in text.splitlines() if line.strip()), "")
+    if re.match(r"^\S+ \d+(\.\d+)? \d+(\.\d+)?##", first):
+        return "charades_txt"
+    try:
+        row = json.loads(first)
+    except json.JSONDecodeError:
+        raise DataError(f"{path}: unknown annotation format (first line: {first[:80]!r})")
+    if isinstance(row, dict) and "relevant_windows" in row:
+        return "qvhighlights"
+    if isinstance(row, dict) and {"video", "query", "span"} <= set(row):
+        return "jsonl"
+    raise DataError(f"{path}: unknown annotation format (first line has keys {sorted(row)[:8]})")
+
+
+def _rows(path, text, fmt):
+    """Yield (where, video, query, start, end, duration) from each format; `where` names the line or key."""
+    if fmt == "json":
+        for vid, ann in json.loads(text).items():
+            for j, ((s, e), q) in enumerate(zip(ann["timestamps"], ann["sentences"])):
+                yield f"key {vid}[{j}]", vid, q, s, e, ann.get("duration")
+    elif fmt == "charades_txt":
+        for n, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                head, _, q = line.partition("##")
+                vid, s, e = head.split()
+                yield f"line {n}", vid, q, s, e, None
+    else:
+        for n, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            r = json.loads(line)
+            if fmt == "qvhighlights":  # several windows per query: each is a ground-truth span
+                for s, e in r["relevant_windows"]:
+                    yield f"line {n}", r["vid"], r["query"], s, e, r.get("duration")
+            else:
+                yield f"line {n}", r["video"], r["query"], r["span"][0], r["span"][1], r.get("duration")
+
+
+def load_annotations(path, video_root=None, video_ext=".mp4"):
+    """Read any of the four annotation formats into Samples.
+
+    Formats (detected from the content): raw Charades-STA txt `VID START END##sentence`; JSON
+    `{vid: {"duration", "timestamps": [[s, e], ...], "sentences": [...]}}` (Charades-STA, ActivityNet Captions);
+    QVHighlights JSONL (`query`, `vid`, `duration`, `relevant_windows`); plain JSONL (`video`, `query`, `span`,
+    optional `duration`). A video id without an extension becomes `video_root/ID.mp4`; relative paths are
+    taken from `video_root` (default: the annotation file's folder). Ends past the video are clamped to its
+    duration and spans with start >= end are dropped: both are counted and printed once.
+    """
+    if not os.path.exists(path):
+        raise DataError(f"{path}: annotation file not found")
+    with open(path) as f:
+        text = f.read()
+    fmt = _detect_format(path, text)
+    root = video_root if video_root is not None else os.path.dirname(os.path.abspath(path))
+    samples, clamped, dropped, seen = [], 0, 0, {}
+    for where, vid, query, s, e, dur in _rows(path, text, fmt):
+        try:
+            s, e = float(s), float(e)
+            dur = float(dur) if dur is not None else None
+        except (TypeError, ValueError):
+            raise DataError(f"{path}: {where}: span {s!r}-{e!r} is not a number")
+        if not str(query).strip():
+            raise DataError(f"{path}: {where}: empty query")
+        if dur is not None and e > dur:
+            e, clamped = dur, clamped + 1
+        if s >= e:
+            dropped += 1
+            continue
+        video = vid if os.path.splitext(vid)[1] else vid + video_ext
+        video = video if os.path.isabs(video) else os.path.join(root, video)
+        base = os.path.splitext(os.path.basename(vid))[0]
+        seen[base] = seen.get(base, -1) + 1
+        samples.append(Sample(video, str(query).strip(), (s, e), dur, f"{base}#{seen[base]}"))
+    if clamped or dropped:
+        print(f"{path}: clamped {clamped} span ends to the video duration, dropped {dropped} spans with start >= end")
+    if not samples:
+        raise DataError(f"{path}: no usable spans")
+    return samples
+
+
+def write_jsonl(samples, path):
+    """Samples -> the plain JSONL format (paths stay as given)."""
+    with open(path, "w") as f:
+        for s in samples:
+            f.write(json.dumps({"video": s.video, "query": s.query, "span": list(s.span),
+                                "duration": s.duration, "id": s.id}) + "\n")
+
+
+# ----------------------------------------------------------------------------- video
+def load_video(path, fps=2.0, max_frames=256):
+    """Decode frames sampled at `fps` (uniformly thinned to at most `max_frames`) with decord.
+
+    Returns (frames uint8 [N, H, W, 3], metadata dict). N is even: Qwen-VL merges frames in temporal pairs.
+    The metadata (source fps, sampled frame indices, total frames) is what the Qwen3-VL processor needs to write
+    correct `<t seconds>` stamps: t = mean of frame_index / source_fps over each pair (transformers #43519).
+    """
+    import decord
+    if not os.path.exists(path):
+        raise DataError(f"{path}: video file not found")
+    try:
+        vr = decord.VideoReader(path, num_threads=1)
+        total, src_fps = len(vr), float(vr.get_avg_fps())
+    except Exception as err:  # decord raises its own error types from C++
+        raise DataError(f"{path}: cannot read video ({type(err).__name__}: {str(err).splitlines()[0][:200]})")
+    if total == 0 or src_fps <= 0:
+        raise DataError(f"{path}: video has no frames")
+    duration = total / src_fps
+    n = max(2, min(int(duration * fps), max_frames))
+    n -= n % 2
+    if duration * fps > max_frames:  # too long for max_frames: spread them evenly over the whole video
+        idx = np.linspace(0, total - 1, n)
+    else:
+        idx = np.arange(n) * src_fps / fps
+    idx = idx.round().astype(int).clip(0, total - 1)
+    try:
+        frames = vr.get_batch(idx.tolist()).asnumpy()
+    except Exception as err:
+        raise DataError(f"{path}: cannot decode frames ({type(err).__name__})")
+    h, w = frames.shape[1:3]
+    meta = {"total_num_frames": total, "fps": src_fps, "frames_indices": idx.tolist(), "width": w, "height": h,
+            "duration": duration, "video_backend": "decord"}
+    return frames, meta
+
+
+# ----------------------------------------------------------------------------- prompt and answer
+def prompt_messages(query):
+    """The chat for one query: a video, then the TimeLens instruction."""
+    return [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": PROMPT.format(query=query)}]}]
+
+
+_NUM = r"(\d+(?::\d{1,2}){0,2}(?:\.\d+)?)"  # 12.5 | 1:05 | 01:02:03.5
+_SPAN = re.compile(_NUM + r"\s*(?:-|–|—|to|and|until|till)\s*" + _NUM, re.IGNORECASE)
+
+
+def _seconds(t):
+    """'12.5' -> 12.5, '1:05' -> 65.0, '1:02:03' -> 3723.0."""
+    out = 0.0
+    for part in t.split(":"):
+        out = out * 60 + float(part)
+    return out
+
+
+def parse_span(text):
+    """The first '<start> - <end>' (or 'to', mm:ss, hh:mm:ss) in an answer -> (start, end) seconds, else None.
+
+    Inverted spans are returned as written: the metrics score them IoU 0, as TimeLens does.
+    """
+    m = _SPAN.search(text or "")
+    return (_seconds(m.group(1)), _seconds(m.group(2))) if m else None
+
+
+# ----------------------------------------------------------------------------- model inputs
+def encode(processor, samples, videos, answers=None):
+    """Samples + decoded videos -> one left-padded batch for the model, through its own processor.
+
+    videos: list of (frames [N, H, W, 3], metadata) from load_video, one per sample.
+    answers: optional target texts appended after the generation prompt (for SFT), each closed by the
+    template's end-of-turn token; then padding is on the right so the answer tokens line up for the loss.
+    Returns the processor's BatchFeature: input_ids, attention_mask [B, L]; mm_token_type_ids [B, L]
+    (0 text, 2 video: carry it everywhere, without it the model silently uses 1-D positions);
+    pixel_values_videos [sum_i t_i*h_i*w_i, D]; video_grid_thw [B, 3].
+    """
+    texts = [processor.apply_chat_template(prompt_messages(s.query), add_generation_prompt=True, tokenize=False)
+             for s in samples]
+    if answers is not None:
+        end = processor.tokenizer.decode(_end_of_turn_id(processor))
+        texts = [t + a + end for t, a in zip(texts, answers)]
+    return processor(text=texts, videos=[v[0] for v in videos], video_metadata=[v[1] for v in videos],
+                     do_sample_frames=False, padding=True, padding_side="left" if answers is None else "right",
+                     return_tensors="pt")
+
+
+def _end_of_turn_id(processor):
+    """The token that closes an assistant turn (`<|im_end|>` for Qwen)."""
+    tok = processor.tokenizer
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    return im_end if im_end is not None and im_end != tok.unk_token_id else tok.eos_token_id

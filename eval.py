@@ -1,0 +1,175 @@
+"""Decoding and the field's metrics for temporal video grounding.
+
+    python eval.py [--model M] [--data ANNOTATIONS] [--video-root DIR] [--out preds.jsonl]
+
+With no --model/--data it evaluates the miniature teacher on the miniature test set (built on first use).
+Prints R1@0.3/0.5/0.7 and mIoU; writes one JSON line per query; an interrupted run resumes from that file.
+"""
+import argparse
+import json
+import os
+
+import torch
+from tqdm import tqdm
+
+import data
+
+THRESHOLDS = (0.3, 0.5, 0.7)
+
+
+# ----------------------------------------------------------------------------- metrics
+def iou(a, b):
+    """Temporal IoU of two (start, end) spans; 0 when either is None or inverted (TimeLens' protocol)."""
+    if a is None or b is None or a[0] >= a[1] or b[0] >= b[1]:
+        return 0.0
+    inter = max(0.0, min(a[1], b[1]) - max(a[0], b[0]))
+    return inter / (max(a[1], b[1]) - min(a[0], b[0]))
+
+
+def compute_metrics(pred_spans, gt_spans):
+    """Lists of spans (a prediction may be None) -> {"R1@0.3", "R1@0.5", "R1@0.7", "mIoU"} in percent."""
+    ious = [iou(p, g) for p, g in zip(pred_spans, gt_spans, strict=True)]
+    out = {f"R1@{t}": 100.0 * sum(x >= t for x in ious) / len(ious) for t in THRESHOLDS}
+    out["mIoU"] = 100.0 * sum(ious) / len(ious)
+    return out
+
+
+def format_table(rows):
+    """{name: metrics} -> a small aligned text table."""
+    keys = [f"R1@{t}" for t in THRESHOLDS] + ["mIoU"]
+    width = max(len(n) for n in rows) + 2
+    lines = [" " * width + "".join(f"{k:>9}" for k in keys)]
+    lines += [f"{n:<{width}}" + "".join(f"{m[k]:9.1f}" for k in keys) for n, m in rows.items()]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- models and decoding
+def load_model(name_or_path, device=None, dtype=None):
+    """A hub id or a local folder -> (model, processor). bf16 on GPU, fp32 on CPU."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = dtype or (torch.bfloat16 if device.startswith("cuda") else torch.float32)
+    processor = AutoProcessor.from_pretrained(name_or_path)
+    model = AutoModelForImageTextToText.from_pretrained(name_or_path, dtype=dtype).to(device).eval()
+    return model, processor
+
+
+def forbidden_ids(processor):
+    """Vision special tokens: never sampled (a sampled <|video_pad|> breaks re-scoring) and so never scored."""
+    tok = processor.tokenizer
+    names = ["<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
+    ids = [tok.convert_tokens_to_ids(n) for n in names]
+    return sorted({i for i in ids if i is not None and i != tok.unk_token_id})
+
+
+def generate(model, processor, batch, max_new_tokens=32, temperature=None):
+    """Greedy (temperature None) or pure sampling (top_k 0, top_p 1) with the KV cache.
+
+    batch: left-padded inputs from data.encode, [B, L]. Vision tokens are suppressed.
+    Returns completion ids [B, T] (padded after EOS) and their mask [B, T] (1 up to and including EOS).
+    """
+    tok = processor.tokenizer
+    eos = model.generation_config.eos_token_id
+    eos = set(eos if isinstance(eos, list) else [eos])
+    sampling = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature else \
+        dict(do_sample=False, temperature=None, top_k=None, top_p=None)
+    batch = batch.to(model.device)
+    with torch.no_grad():
+        out = model.generate(**batch, max_new_tokens=max_new_tokens, suppress_tokens=forbidden_ids(processor),
+                             pad_token_id=tok.pad_token_id, **sampling)
+    ids = out[:, batch["input_ids"].shape[1]:]
+    is_eos = torch.isin(ids, torch.tensor(sorted(eos), device=ids.device))
+    after_eos = (is_eos.long().cumsum(1) - is_eos.long()) > 0  # EOS itself stays in, even when pad == eos
+    mask = (~after_eos).long()
+    return ids.masked_fill(after_eos, tok.pad_token_id), mask
+
+
+def decode(processor, ids, mask):
+    """Completion ids [B, T] -> answer strings (special tokens dropped)."""
+    return [processor.tokenizer.decode(i[m.bool()], skip_special_tokens=True) for i, m in zip(ids, mask)]
+
+
+def load_videos(samples, skip_bad=False, fps=2.0, max_frames=256):
+    """Decode each sample's video -> (list of (frames, metadata) or None, list of DataError messages)."""
+    videos, errors = [], []
+    for s in samples:
+        try:
+            videos.append(data.load_video(s.video, fps=fps, max_frames=max_frames))
+        except data.DataError as err:
+            if not skip_bad:
+                raise
+            videos.append(None)
+            errors.append(str(err))
+    return videos, errors
+
+
+def predict(model, processor, samples, batch_size=8, max_new_tokens=32, skip_bad=False, temperature=None,
+            desc="predict", fps=2.0, max_frames=256):
+    """Answer every sample -> one dict per usable sample: id, query, gt, answer, pred, iou.
+
+    Greedy by default; with `skip_bad` an unreadable video is skipped and counted instead of stopping the run.
+    """
+    rows, bad = [], 0
+    for i in tqdm(range(0, len(samples), batch_size), desc=desc, leave=False):
+        chunk = samples[i:i + batch_size]
+        videos, errors = load_videos(chunk, skip_bad, fps, max_frames)
+        bad += len(errors)
+        chunk, videos = zip(*[(s, v) for s, v in zip(chunk, videos) if v is not None]) if len(errors) < len(chunk) \
+            else ((), ())
+        if not chunk:
+            continue
+        ids, mask = generate(model, processor, data.encode(processor, chunk, videos), max_new_tokens, temperature)
+        for s, answer in zip(chunk, decode(processor, ids, mask)):
+            pred = data.parse_span(answer)
+            rows.append({"id": s.id, "query": s.query, "gt": list(s.span), "answer": answer,
+                         "pred": list(pred) if pred else None, "iou": iou(pred, s.span)})
+    if bad:
+        print(f"skipped {bad} samples with unreadable videos")
+    return rows
+
+
+def evaluate(model, processor, samples, **kw):
+    """Greedy metrics of a model on samples -> (metrics dict, prediction rows)."""
+    rows = predict(model, processor, samples, **kw)
+    return compute_metrics([r["pred"] for r in rows], [r["gt"] for r in rows]), rows
+
+
+# ----------------------------------------------------------------------------- CLI
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", help="hub id or local folder (default: the miniature teacher)")
+    p.add_argument("--data", help="annotation file, any format data.load_annotations reads (default: miniature test)")
+    p.add_argument("--video-root", help="folder holding the videos (default: the annotation file's folder)")
+    p.add_argument("--out", default="preds.jsonl", help="one JSON line per query; an existing file is resumed")
+    p.add_argument("--batch-size", type=int, default=8, help="queries per generate call")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="answer length limit")
+    p.add_argument("--fps", type=float, default=2.0, help="frames per second sampled from each video")
+    p.add_argument("--max-frames", type=int, default=256, help="frame cap per video")
+    p.add_argument("--skip-bad", action="store_true", help="skip unreadable videos (counted) instead of stopping")
+    args = p.parse_args()
+    if not args.model or not args.data:
+        import toy
+        paths = toy.ensure()
+        args.model, args.data = args.model or paths["teacher"], args.data or paths["test"]
+    samples = data.load_annotations(args.data, args.video_root)
+    done = []
+    if os.path.exists(args.out):  # resume: keep finished queries, answer the rest
+        with open(args.out) as f:
+            done = [json.loads(line) for line in f if line.strip()]
+        print(f"resuming: {len(done)} of {len(samples)} queries already in {args.out}")
+    finished = {r["id"] for r in done}
+    todo = [s for s in samples if s.id not in finished]
+    model, processor = load_model(args.model)
+    with open(args.out, "a") as f:
+        for i in tqdm(range(0, len(todo), args.batch_size), desc="eval"):
+            for row in predict(model, processor, todo[i:i + args.batch_size], args.batch_size, args.max_new_tokens,
+                               args.skip_bad, fps=args.fps, max_frames=args.max_frames):
+                f.write(json.dumps(row) + "\n")
+                done.append(row)
+            f.flush()
+    metrics = compute_metrics([r["pred"] for r in done], [r["gt"] for r in done])
+    print(format_table({os.path.basename(args.model.rstrip("/")) + f" ({len(done)} queries)": metrics}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,285 @@
+"""The built-in miniature: a real Qwen3-VL teacher and student, built and trained offline in minutes.
+
+    python toy.py [--out runs/toy]
+
+builds (once; later calls reuse it):
+  1. synthetic clips, written as real mp4 files and read back through data.load_video like Charades videos:
+     a few coloured shapes, each visible during its own whole-second interval; the query names one
+     ("the red circle") and its interval is the answer. Train/test annotations in data.py's plain JSONL.
+  2. an offline byte-level BPE tokenizer with the Qwen3-VL special tokens and chat template (digits one per token);
+  3. two tiny Qwen3VLForConditionalGeneration models from Qwen3VLConfig (random init), a smaller student and a
+     larger teacher, each saved with save_pretrained beside a real Qwen3VLProcessor, so that
+     eval.load_model("runs/toy/teacher") takes the same path as "Qwen/Qwen3-VL-8B-Instruct";
+  4. SFT on the clips so that, as in the paper, the student already grounds but less precisely than the teacher.
+The test metrics of both models go to runs/toy/metrics.json.
+"""
+import argparse
+import json
+import math
+import os
+import random
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import data
+
+COLOURS = {"red": (230, 30, 30), "green": (30, 200, 30), "blue": (40, 60, 240), "yellow": (240, 230, 30),
+           "magenta": (230, 40, 230), "cyan": (30, 230, 230), "white": (245, 245, 245)}
+SHAPES = ("circle", "square", "triangle")
+SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
+           "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>", "<|vision_end|>",
+           "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
+# The official Qwen3-VL layout, without system prompt or thinking: a video renders as
+# <|vision_start|><|video_pad|><|vision_end|>, which the processor expands into stamped frame groups.
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n"
+    "{% if m.content is string %}{{ m.content }}{% else %}{% for c in m.content %}"
+    "{% if c.type == 'video' %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif c.type == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif c.type == 'text' %}{{ c.text }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+@dataclass
+class ToyConfig:
+    """Sizes of the miniature. `reduced()` is the seconds-long version the tests build."""
+    seconds: int = 8          # clip length; answers are whole seconds in [0, seconds]
+    src_fps: int = 4          # frames per second written to the mp4 (load_video samples 2 fps of them)
+    frame: int = 64           # frame side in pixels: 64x64 -> 4 video tokens per pair of frames
+    shapes: int = 3           # shapes per clip
+    n_train: int = 2000
+    n_test: int = 64
+    student: tuple = (64, 2, 64, 1)   # text hidden, text layers, vision hidden, vision depth
+    teacher: tuple = (96, 3, 64, 1)
+    student_steps: int = 1200
+    teacher_steps: int = 2200
+    batch: int = 16
+    lr: float = 2e-3
+    seed: int = 0
+
+    @staticmethod
+    def reduced():
+        return ToyConfig(n_train=16, n_test=8, student_steps=4, teacher_steps=4, batch=4)
+
+
+# ----------------------------------------------------------------------------- 1. clips
+def _draw(img, shape, colour, cx, cy, r):
+    yy, xx = np.mgrid[:img.shape[0], :img.shape[1]]
+    if shape == "circle":
+        m = (xx - cx) ** 2 + (yy - cy) ** 2 <= r * r
+    elif shape == "square":
+        m = (abs(xx - cx) <= r) & (abs(yy - cy) <= r)
+    else:
+        m = (yy >= cy - r) & (yy <= cy + r) & (abs(xx - cx) <= (yy - (cy - r)) / 2)
+    img[m] = colour
+
+
+def make_clip(path, rng, cfg):
+    """Write one clip; return [(query, (start, end))] for its shapes (distinct colours, own intervals)."""
+    import av
+    colours = rng.sample(list(COLOURS), cfg.shapes)
+    objs = []
+    for c in colours:
+        length = rng.randint(1, max(1, cfg.seconds // 2))
+        start = rng.randint(0, cfg.seconds - length)
+        r = cfg.frame // 8
+        objs.append((rng.choice(SHAPES), c, rng.randint(r, cfg.frame - r - 1), rng.randint(r, cfg.frame - r - 1),
+                     r, start, start + length))
+    with av.open(path, "w") as out:
+        stream = out.add_stream("libx264", rate=cfg.src_fps, options={"crf": "8", "preset": "ultrafast"})
+        stream.width = stream.height = cfg.frame
+        stream.pix_fmt = "yuv420p"
+        for i in range(cfg.seconds * cfg.src_fps):
+            img = np.full((cfg.frame, cfg.frame, 3), 20, np.uint8)
+            for shape, c, x, y, r, s, e in objs:
+                if s <= i / cfg.src_fps < e:
+                    _draw(img, shape, COLOURS[c], x, y, r)
+            for pkt in stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+                out.mux(pkt)
+        for pkt in stream.encode():
+            out.mux(pkt)
+    return [(f"the {c} {shape}", (float(s), float(e))) for shape, c, x, y, r, s, e in objs]
+
+
+def make_clips(out, cfg):
+    """Clips + train.jsonl/test.jsonl (one query per clip) under `out`."""
+    rng = random.Random(cfg.seed)
+    os.makedirs(f"{out}/videos", exist_ok=True)
+    for split, n in (("train", cfg.n_train), ("test", cfg.n_test)):
+        samples = []
+        for i in tqdm(range(n), desc=f"clips ({split})"):
+            path = f"{out}/videos/{split}{i:05d}.mp4"
+            query, span = rng.choice(make_clip(path, rng, cfg))
+            samples.append(data.Sample(os.path.abspath(path), query, span, float(cfg.seconds), f"{split}{i:05d}"))
+        data.write_jsonl(samples, f"{out}/{split}.jsonl")
+
+
+# ----------------------------------------------------------------------------- 2. tokenizer and processor
+def make_processor(out, cfg):
+    """Train a byte-level BPE on the miniature's text; wrap it with a real Qwen3VLProcessor; save to `out`."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast, Qwen3VLProcessor, Qwen3VLVideoProcessor
+    from transformers import Qwen2VLImageProcessor
+    corpus = [data.PROMPT.format(query=f"the {c} {s}") for c in COLOURS for s in SHAPES]
+    corpus += [data.ANSWER.format(start=a / 2, end=b / 2) for a in range(0, 40) for b in range(0, 40, 3)]
+    corpus += [f"<{t / 10:.1f} seconds>" for t in range(200)] + ["user", "assistant", "system"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(corpus * 4, trainers.BpeTrainer(
+        vocab_size=512, special_tokens=SPECIAL, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                        unk_token=None)
+    n_pix = cfg.frame * cfg.frame
+    video = Qwen3VLVideoProcessor(size={"shortest_edge": n_pix, "longest_edge": n_pix * 1024},
+                                  cap_pixels_per_frame=False, do_sample_frames=False)
+    image = Qwen2VLImageProcessor(size={"shortest_edge": n_pix, "longest_edge": n_pix * 4})
+    processor = Qwen3VLProcessor(image_processor=image, tokenizer=tokenizer, video_processor=video,
+                                 chat_template=CHAT_TEMPLATE)
+    processor.save_pretrained(out)
+    return processor
+
+
+# ----------------------------------------------------------------------------- 3. models
+def make_model(processor, size, seed):
+    """A random-init Qwen3VLForConditionalGeneration; size = (text hidden, text layers, vision hidden, depth)."""
+    from transformers import AutoModelForImageTextToText, Qwen3VLConfig
+    hidden, layers, v_hidden, depth = size
+    tok = processor.tokenizer
+    ids = {k: tok.convert_tokens_to_ids(v) for k, v in (("image_token_id", "<|image_pad|>"),
+           ("video_token_id", "<|video_pad|>"), ("vision_start_token_id", "<|vision_start|>"),
+           ("vision_end_token_id", "<|vision_end|>"))}
+    head_dim = 16
+    config = Qwen3VLConfig(
+        text_config=dict(vocab_size=len(tok), hidden_size=hidden, intermediate_size=hidden * 3,
+                         num_hidden_layers=layers, num_attention_heads=hidden // head_dim, num_key_value_heads=2,
+                         head_dim=head_dim, max_position_embeddings=4096, pad_token_id=tok.pad_token_id,
+                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                          "mrope_section": [4, 2, 2], "mrope_interleaved": True}),
+        vision_config=dict(depth=depth, hidden_size=v_hidden, intermediate_size=v_hidden * 2, num_heads=4,
+                           patch_size=16, out_hidden_size=hidden, num_position_embeddings=64,
+                           deepstack_visual_indexes=[0]),
+        tie_word_embeddings=True, **ids)
+    torch.manual_seed(seed)
+    model = AutoModelForImageTextToText.from_config(config)
+    model.generation_config.eos_token_id = tok.convert_tokens_to_ids("<|im_end|>")
+    model.generation_config.pad_token_id = tok.pad_token_id
+    return model
+
+
+# ----------------------------------------------------------------------------- 4. SFT
+def answer_labels(processor, batch):
+    """Labels [B, L] for SFT: the answer tokens and the closing end-of-turn; -100 on prompt and padding."""
+    tok = processor.tokenizer
+    im_start = tok.convert_tokens_to_ids("<|im_start|>")
+    header = len(tok("assistant\n", add_special_tokens=False)["input_ids"])
+    labels = batch["input_ids"].clone()
+    for row, ids in zip(labels, batch["input_ids"]):
+        first = (ids == im_start).nonzero().max().item() + 1 + header
+        row[:first] = -100
+    labels[batch["attention_mask"] == 0] = -100
+    return labels
+
+
+def sft(model, processor, samples, videos, steps, cfg, desc, val=None, stop=None, eval_every=100):
+    """Supervised fine-tuning on ground-truth answers (AdamW, cosine schedule).
+
+    val, stop: optional (samples, videos) and a predicate on eval metrics; training ends at the first
+    evaluation where stop(metrics) holds. Returns the last evaluation's metrics (or None).
+    """
+    import eval as ev
+    rng = random.Random(cfg.seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / 50) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    metrics = None
+    bar = tqdm(range(1, steps + 1), desc=desc)
+    for step in bar:
+        model.train()
+        idx = rng.sample(range(len(samples)), cfg.batch)
+        batch = data.encode(processor, [samples[i] for i in idx], [videos[i] for i in idx],
+                            answers=[data.ANSWER.format(start=samples[i].span[0], end=samples[i].span[1])
+                                     for i in idx])
+        loss = model(**batch, labels=answer_labels(processor, batch)).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step(), sched.step(), opt.zero_grad()
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+        if val is not None and (step % eval_every == 0 or step == steps):
+            model.eval()
+            metrics = toy_metrics(model, processor, *val)
+            bar.write(f"{desc} step {step}: loss {loss.item():.3f} " + json.dumps(metrics))
+            if stop is not None and stop(metrics):
+                break
+    model.eval()
+    return metrics
+
+
+def toy_metrics(model, processor, samples, videos):
+    """Greedy metrics + how many distinct answers the model gives (1 = it ignores the video) + % parseable."""
+    import eval as ev
+    rows = []
+    for i in range(0, len(samples), 32):
+        chunk = samples[i:i + 32]
+        ids, mask = ev.generate(model, processor, data.encode(processor, chunk, videos[i:i + 32]), 24)
+        rows += ev.decode(processor, ids, mask)
+    preds = [data.parse_span(a) for a in rows]
+    m = ev.compute_metrics(preds, [s.span for s in samples])
+    m["distinct"] = len(set(rows))
+    m["parseable"] = 100.0 * sum(p is not None for p in preds) / len(preds)
+    return {k: round(v, 1) for k, v in m.items()}
+
+
+# ----------------------------------------------------------------------------- build
+def build(out="runs/toy", cfg=None):
+    """Build everything under `out` (see the module docstring); returns the paths. Cached by metrics.json."""
+    cfg = cfg or ToyConfig()
+    paths = {"student": f"{out}/student", "teacher": f"{out}/teacher", "train": f"{out}/train.jsonl",
+             "test": f"{out}/test.jsonl", "metrics": f"{out}/metrics.json"}
+    if os.path.exists(paths["metrics"]):
+        return paths
+    t0 = time.time()
+    make_clips(out, cfg)
+    processor = make_processor(f"{out}/processor", cfg)
+    train = data.load_annotations(paths["train"])
+    test = data.load_annotations(paths["test"])
+    train_v = [data.load_video(s.video) for s in tqdm(train, desc="decode train clips")]
+    test_v = [data.load_video(s.video) for s in test]
+    val = (train[-64:], train_v[-64:])  # held out from SFT, used to decide when to stop
+    fit = (train[:-64] or train, train_v[:-64] or train_v)
+    report = {}
+    for name, size, steps, stop in (
+            ("teacher", cfg.teacher, cfg.teacher_steps, lambda m: m["mIoU"] >= 90),
+            # stop the student once it uses the video but still grounds imprecisely, as base Qwen3-VL does
+            ("student", cfg.student, cfg.student_steps, lambda m: m["mIoU"] >= 35 and m["distinct"] >= 10)):
+        model = make_model(processor, size, cfg.seed + len(name))
+        sft(model, processor, *fit, steps, cfg, f"SFT {name}", val=val, stop=stop)
+        model.save_pretrained(paths[name])
+        processor.save_pretrained(paths[name])
+        report[name] = toy_metrics(model, processor, test, test_v)
+        report[name]["params"] = sum(p.numel() for p in model.parameters())
+    report["build_seconds"] = round(time.time() - t0, 1)
+    with open(paths["metrics"], "w") as f:
+        json.dump(report, f, indent=1)
+    print(json.dumps(report, indent=1))
+    return paths
+
+
+def ensure(out="runs/toy"):
+    """The miniature's paths, building it first if needed (what opd.py, grpo.py, eval.py, tvdf.py call)."""
+    if not os.path.exists(f"{out}/metrics.json"):
+        print(f"building the miniature in {out} (once; a few minutes on 2 cores)")
+    return build(out)
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="runs/toy", help="where the miniature is built and cached")
+    p.add_argument("--reduced", action="store_true", help="the seconds-long build the tests use")
+    a = p.parse_args()
+    build(a.out, ToyConfig.reduced() if a.reduced else ToyConfig())
