@@ -89,6 +89,11 @@ def decode(processor, ids, mask):
     return [processor.tokenizer.decode(i[m.bool()], skip_special_tokens=True) for i, m in zip(ids, mask)]
 
 
+def rollout_ious(processor, ids, mask, samples):
+    """Temporal IoU of each completion's first span with its sample's ground truth: GRPO's reward, OPD's log."""
+    return [iou(data.parse_span(a), s.span) for a, s in zip(decode(processor, ids, mask), samples, strict=True)]
+
+
 def load_videos(samples, skip_bad=False, fps=2.0, max_frames=256):
     """Decode each sample's video -> (list of (frames, metadata) or None, list of DataError messages)."""
     videos, errors = [], []

@@ -1,0 +1,371 @@
+"""Video-OPD: on-policy distillation for temporal video grounding (arXiv 2602.02994).
+
+    python opd.py                                    # the built-in miniature, end to end (minutes on 2 cores)
+    python opd.py --student Qwen/Qwen3-VL-8B-Instruct --teacher Qwen/Qwen3-VL-32B-Instruct --data train.json
+
+Per step: the student samples one completion per (video, query) prompt; the teacher scores the *same tokens*
+with the *same video tensors*; the per-token reward is the teacher-student log-ratio (Eq. 5) and the loss is the
+policy gradient of the reverse KL(student || teacher) (Eq. 6): no clipping, no reference KL, no discount.
+
+This file also holds the rollout and scoring machinery and the training loop that grpo.py reuses: the two
+algorithms differ only in `score` / `loss`, i.e. in where the per-token advantage comes from.
+"""
+import argparse
+import dataclasses
+import json
+import math
+import os
+import random
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+from transformers import BatchFeature
+
+import data
+import eval as ev
+
+
+@dataclass
+class Args:
+    student: str = None             # student model: hub id or folder (default: the miniature student)
+    teacher: str = None             # teacher model, same tokenizer (default: the miniature teacher)
+    data: str = None                # training annotations, any format data.py reads (default: miniature train)
+    eval_data: str = None           # test annotations for periodic greedy evaluation (default: miniature test)
+    video_root: str = None          # folder with the videos (default: each annotation file's folder)
+    out: str = "runs/opd"           # run folder: log.jsonl, checkpoint/, final/
+    steps: int = 100                # optimizer steps
+    prompts_per_step: int = 32      # (video, query) prompts per optimizer step (paper: ~32)
+    rollouts_per_prompt: int = 1    # sampled completions per prompt (paper: 1)
+    micro_batch: int = 8            # prompts per forward/backward; gradients accumulate to prompts_per_step
+    lr: float = 1e-6                # AdamW learning rate (paper: 1e-6)
+    warmup_steps: int = 0           # linear warm-up, then constant
+    weight_decay: float = 0.0       # AdamW weight decay
+    grad_clip: float = 1.0          # max gradient norm
+    temperature: float = 1.0        # sampling temperature; all log-probs are of logits / temperature
+    max_new_tokens: int = 64        # completion length limit
+    loss: str = "sampled"           # sampled: Eq. 5-6 on the sampled tokens | fullkl: exact per-token reverse KL
+    rollouts: str = "student"       # student: on-policy | teacher: off-policy (teacher-generated completions)
+    kl_chunk: int = 16              # positions per chunk of the full-vocabulary KL
+    freeze_vision: bool = True      # keep the vision tower frozen (paper)
+    gradient_checkpointing: bool = False  # trade compute for activation memory (GPU users)
+    bf16: bool = False              # bf16 autocast for forward passes (GPU users)
+    fps: float = 2.0                # frames per second sampled from each video (paper: 2)
+    max_frames: int = 256           # frame cap per video
+    eval_every: int = 20            # greedy evaluation every N steps (0: only before and after)
+    eval_limit: int = 0             # evaluate on the first N test queries only (0: all)
+    save_every: int = 50            # checkpoint every N steps (and at the end)
+    resume: bool = False            # continue the run in --out from its checkpoint
+    seed: int = 0                   # seeds prompt order, sampling and init
+    tvdf_rounds: int = 0            # TVDF curriculum rounds inline (0: off; see tvdf.py)
+    tvdf_k: int = 0                 # samples added to the pool per TVDF round
+    tvdf_tau: float = 0.5           # TRPV threshold on the teacher's IoU (see tvdf.py)
+
+
+# The miniature's own settings, used when no --student/--teacher/--data is given. Tiny random-init models
+# need a far larger learning rate than 1e-6, and on a ~400-token vocabulary the exact KL is cheap and gives
+# the direction to the right digit instead of only "not this digit" (see README, "Results in miniature").
+MINIATURE = dict(steps=60, prompts_per_step=16, micro_batch=16, lr=3e-4, warmup_steps=5, max_new_tokens=24,
+                 loss="fullkl", eval_every=10, save_every=30)
+
+
+def cli(cls, miniature):
+    """Command line -> cls instance: every dataclass field is a flag; the miniature's values fill in what the
+    user did not give when no models/data are named."""
+    import inspect, re, sys
+    helps = {}  # the comment beside each field is its --help line
+    for c in reversed(cls.__mro__[:-1]):
+        helps |= dict(re.findall(r"^    (\w+): .*?#\s*(.*)$", inspect.getsource(c), re.M))
+    doc = sys.modules[cls.__module__].__doc__
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in dataclasses.fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type is bool:
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                           help=f"{helps.get(f.name, '')} (default: {f.default})")
+        else:
+            p.add_argument(flag, type=f.type if f.type in (int, float) else str, default=argparse.SUPPRESS, help=f"{helps.get(f.name, '')} (default: {f.default})")
+    given = vars(p.parse_args())
+    on_miniature = not any(given.get(k) for k in ("student", "teacher", "data"))
+    return cls(**{**(miniature if on_miniature else {}), **given})
+
+
+# ----------------------------------------------------------------------------- rollout and scoring machinery
+def expand(batch, n):
+    """Repeat each prompt n times, keeping each video's patches next to its own <|video_pad|> tokens.
+
+    batch: input_ids, attention_mask, mm_token_type_ids [B, L]; video_grid_thw [B, 3];
+    pixel_values_videos [sum_i t_i*h_i*w_i, D]. Returns the same keys with B*n rows, prompt i at rows i*n..i*n+n-1.
+    """
+    if n == 1:
+        return batch
+    out = {k: v.repeat_interleave(n, 0) for k, v in batch.items() if k != "pixel_values_videos"}
+    patches = batch["pixel_values_videos"].split(batch["video_grid_thw"].prod(-1).tolist())
+    out["pixel_values_videos"] = torch.cat([p for p in patches for _ in range(n)])
+    return BatchFeature(out)
+
+
+def append_completion(batch, ids, mask):
+    """Prompt batch [B, L] + completion ids/mask [B, T] -> one batch [B, L + T] for scoring (completion = text)."""
+    seq = dict(batch)
+    seq["input_ids"] = torch.cat([batch["input_ids"], ids], 1)
+    seq["attention_mask"] = torch.cat([batch["attention_mask"], mask], 1)
+    seq["mm_token_type_ids"] = torch.cat([batch["mm_token_type_ids"], torch.zeros_like(ids)], 1)
+    return BatchFeature(seq)
+
+
+def completion_logits(model, seq, T, temperature, forbidden, vocab=None):
+    """Logits / temperature of the T completion positions only: [B, T, V].
+
+    `logits_to_keep` makes the LM head run on the last T + 1 positions, so the [B, L, V] logits of a long video
+    prompt never exist. Forbidden (vision) tokens get -inf: the support is the one sampling used. `vocab` slices
+    a teacher whose embedding is padded larger than the student's (Qwen2.5-VL-3B 151,936 vs 7B 152,064 rows).
+    """
+    logits = model(**seq, logits_to_keep=T + 1, use_cache=False).logits[:, :-1]
+    logits = logits[..., :vocab] if vocab else logits
+    blocked = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
+    blocked[forbidden] = True
+    return (logits / temperature).masked_fill(blocked, float("-inf"))
+
+
+def token_logp(logits, ids):
+    """log pi(a_t) of the chosen tokens: logits [B, T, V], ids [B, T] -> [B, T] in fp32."""
+    return torch.log_softmax(logits.float(), -1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+
+
+# ----------------------------------------------------------------------------- the OPD losses
+def opd_loss(logp, old_logp, teacher_logp, mask):
+    """Video-OPD's loss (Eq. 5-6). All [B, T] over completion tokens; mask 1 on real completion tokens.
+
+    r_t = -(log pi_old(a_t) - log pi_teacher(a_t)), detached                 (Eq. 5)
+    L = -sum_t ratio_t * r_t,  ratio_t = pi_theta(a_t) / pi_old(a_t)          (Eq. 6)
+    Summed over each sequence's tokens and averaged over sequences (as the official code does). Its gradient
+    is the policy gradient of the reverse KL(student || teacher) on the student's own samples.
+    """
+    reward = (teacher_logp - old_logp).detach()                                  # Eq. 5
+    ratio = torch.exp(logp - old_logp.detach())                                  # Eq. 6
+    return -(ratio * reward * mask).sum(1).mean()                                # Eq. 6
+
+
+def fullkl_loss(logits, teacher_logits, mask, chunk=16):
+    """Exact per-token reverse KL over the vocabulary: sum_v p_s log(p_s / p_t), summed over tokens, averaged
+    over sequences (the same normalisation as opd_loss). logits, teacher_logits [B, T, V] (already / temperature,
+    forbidden tokens -inf in both); mask [B, T]. Computed `chunk` positions at a time so [B, T, V] in fp32
+    never exists at once.
+    """
+    total = logits.new_zeros((), dtype=torch.float32)
+    for t in range(0, logits.shape[1], chunk):
+        s = torch.log_softmax(logits[:, t:t + chunk].float(), -1)
+        q = torch.log_softmax(teacher_logits[:, t:t + chunk].float(), -1)
+        kl = (s.exp() * (s - q)).nan_to_num(0.0).sum(-1)  # 0 * (-inf - -inf) on forbidden tokens -> 0
+        total = total + (kl * mask[:, t:t + chunk]).sum()
+    return total / logits.shape[0]
+
+
+# ----------------------------------------------------------------------------- loading and checks
+def check_tokenizers(student_proc, teacher_proc):
+    """Teacher and student must agree on every shared token id and on the video token, or scores are garbage."""
+    s, t = student_proc.tokenizer.get_vocab(), teacher_proc.tokenizer.get_vocab()
+    bad = [tok for tok in s.keys() & t.keys() if s[tok] != t[tok]]
+    if bad:
+        raise ValueError(f"teacher and student tokenizers disagree on {len(bad)} shared tokens, e.g. {bad[:5]}")
+    if student_proc.video_token_id != teacher_proc.video_token_id:
+        raise ValueError("teacher and student use different <|video_pad|> ids")
+
+
+def load_student(args):
+    """The trainable student (from the run's checkpoint when resuming) and its processor."""
+    path = f"{args.out}/checkpoint" if args.resume else args.student
+    model, processor = ev.load_model(path)
+    model.train()
+    if args.freeze_vision:
+        model.model.visual.requires_grad_(False)
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    return model, processor
+
+
+def resolve_miniature(args):
+    """Fill the miniature's models and data into whatever the user did not give (building it on first use)."""
+    if not (args.student and args.data):
+        import toy
+        paths = toy.ensure()
+        args.student = args.student or paths["student"]
+        args.teacher = args.teacher or paths["teacher"]
+        args.data = args.data or paths["train"]
+        args.eval_data = args.eval_data or paths["test"]
+    return args
+
+
+# ----------------------------------------------------------------------------- the training loop (OPD and GRPO)
+def train(args, student, processor, score, loss_fn, rollout_model=None, group=1, epochs=1, pool=None):
+    """Rollouts -> score -> update, `args.steps` times. Shared by opd.py and grpo.py.
+
+    score(seq, ids, mask, samples) -> dict (no grad; e.g. the teacher's log-probs, or GRPO's advantages)
+    loss_fn(logits, ids, mask, old_logp, scored) -> scalar loss for one micro-batch
+    rollout_model: who samples the completions (default: the student, on-policy); group: completions per prompt;
+    epochs: update passes over each batch of rollouts (1 for OPD: then old_logp = logp's value, Eq. 6's ratio is 1).
+    Returns the list of evaluation records.
+    """
+    rollout_model = rollout_model or student
+    samples = pool if pool is not None else data.load_annotations(args.data, args.video_root)
+    test = data.load_annotations(args.eval_data, args.video_root) if args.eval_data else None
+    test = test[:args.eval_limit] if test and args.eval_limit else test
+    forbidden = ev.forbidden_ids(processor)
+    params = [p for p in student.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / (args.warmup_steps + 1)))
+    os.makedirs(args.out, exist_ok=True)
+    start, wall = 0, 0.0
+    if args.resume:
+        state = torch.load(f"{args.out}/checkpoint/state.pt", weights_only=False)
+        opt.load_state_dict(state["optimizer"]), sched.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["torch_rng"])
+        start, wall = state["step"], state["wall"]
+    else:
+        open(f"{args.out}/log.jsonl", "w").close()
+    log = open(f"{args.out}/log.jsonl", "a")
+    autocast = torch.autocast(student.device.type, torch.bfloat16, enabled=args.bf16)
+
+    def evaluate(step):
+        student.eval()
+        with autocast:
+            metrics, _ = ev.evaluate(student, processor, test, batch_size=args.micro_batch, fps=args.fps,
+                                     max_frames=args.max_frames, desc=f"eval @{step}")
+        student.train()
+        record = {"step": step, "wall": round(wall, 2), "eval": metrics}
+        log.write(json.dumps(record) + "\n"), log.flush()
+        tqdm.write(f"step {step}: " + "  ".join(f"{k} {v:.1f}" for k, v in metrics.items()))
+        return record
+
+    evals = [evaluate(start)] if test and not args.resume else []
+    bar = tqdm(range(start, args.steps), desc=os.path.basename(args.out.rstrip("/")), initial=start,
+               total=args.steps)
+    for step in bar:
+        t0, timing = time.time(), dict(generate=0.0, student=0.0, teacher=0.0)
+        idx = random.Random(args.seed * 100_003 + step).sample(range(len(samples)), min(args.prompts_per_step,
+                                                                                          len(samples)))
+        # 1. rollouts and their scores, micro-batch by micro-batch (no grad)
+        rollouts = []
+        for i in range(0, len(idx), args.micro_batch):
+            chunk = [samples[j] for j in idx[i:i + args.micro_batch]]
+            videos, _ = ev.load_videos(chunk, fps=args.fps, max_frames=args.max_frames)
+            prompt = expand(data.encode(processor, chunk, videos), group).to(student.device)
+            tic = time.time()
+            with autocast:
+                ids, mask = ev.generate(rollout_model, processor, prompt, args.max_new_tokens, args.temperature)
+            timing["generate"] += time.time() - tic
+            seq = append_completion(prompt, ids, mask)
+            chunk = [s for s in chunk for _ in range(group)]
+            tic = time.time()
+            with torch.no_grad(), autocast:  # not inference_mode: scores enter the autograd graph as constants
+                scored = score(seq, ids, mask, chunk)
+            timing["teacher"] += time.time() - tic
+            rollouts.append((seq, ids, mask, scored, ev.rollout_ious(processor, ids, mask, chunk)))
+        # 2. updates: epochs passes over the rollouts, one optimizer step each
+        tic = time.time()
+        old_logps = [None] * len(rollouts)
+        for _ in range(epochs):
+            stats = dict(loss=0.0)
+            for r, (seq, ids, mask, scored, _) in enumerate(rollouts):
+                with autocast:
+                    logits = completion_logits(student, seq, ids.shape[1], args.temperature, forbidden)
+                logp = token_logp(logits, ids)
+                if old_logps[r] is None:  # pi_old: the policy that sampled (first pass = before any update)
+                    old_logps[r] = logp.detach()
+                loss = loss_fn(logits, ids, mask, old_logps[r], scored) / len(rollouts)
+                loss.backward()
+                stats["loss"] += loss.item()
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip).item()
+            opt.step(), opt.zero_grad()
+        sched.step()
+        timing["student"] = time.time() - tic
+        # 3. logging: the reverse-KL estimate, the rollouts' IoU (GRPO's reward), throughput, time split
+        masks = torch.cat([m.flatten() for _, _, m, _, _ in rollouts]).float()
+        tokens = masks.sum().item()
+        kl = sum(((old_logps[r] - s["teacher_logp"]) * m).sum().item()  # E[log pi_s - log pi_t] on samples
+                 for r, (_, _, m, s, _) in enumerate(rollouts) if "teacher_logp" in s) / max(tokens, 1)
+        ious = [x for *_, xs in rollouts for x in xs]
+        step_time = time.time() - t0
+        wall += step_time
+        record = {"step": step + 1, "wall": round(wall, 2), "loss": round(stats["loss"], 5),
+                  "kl": round(kl, 5), "rollout_iou": round(sum(ious) / len(ious), 4), "grad_norm": round(grad_norm, 4),
+                  "lr": sched.get_last_lr()[0], "tokens_per_s": round(tokens / step_time, 1),
+                  "time": {k: round(v, 3) for k, v in timing.items()} | {
+                      "other": round(step_time - sum(timing.values()), 3)}}
+        log.write(json.dumps(record) + "\n"), log.flush()
+        bar.set_postfix(loss=f"{stats['loss']:.3f}", kl=f"{kl:.3f}", iou=f"{record['rollout_iou']:.3f}")
+        if test and args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < args.steps:
+            evals.append(evaluate(step + 1))
+        if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
+            save(args, student, processor, opt, sched, step + 1, wall)
+    if test and (not evals or evals[-1]["step"] < args.steps):
+        evals.append(evaluate(args.steps))
+    log.close()
+    return evals
+
+
+def save(args, student, processor, opt, sched, step, wall):
+    """A checkpoint plain transformers can load (student + processor) plus what --resume needs."""
+    path = f"{args.out}/checkpoint"
+    student.save_pretrained(path)
+    processor.save_pretrained(path)
+    torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "torch_rng": torch.get_rng_state(),
+                "step": step, "wall": wall, "args": dataclasses.asdict(args)}, f"{path}/state.pt")
+
+
+def teacher_metrics(args, teacher, processor):
+    """The teacher's greedy test metrics, cached in the run folder (the teacher never changes)."""
+    path = f"{args.out}/teacher_eval.json"
+    if os.path.exists(path):
+        with open(path) as f:
+            return json.load(f)
+    test = data.load_annotations(args.eval_data, args.video_root)
+    metrics, _ = ev.evaluate(teacher, processor, test[:args.eval_limit] if args.eval_limit else test,
+                             batch_size=args.micro_batch, fps=args.fps, max_frames=args.max_frames, desc="teacher")
+    with open(path, "w") as f:
+        json.dump(metrics, f)
+    return metrics
+
+
+def main():
+    args = resolve_miniature(cli(Args, MINIATURE))
+    torch.manual_seed(args.seed)
+    student, processor = load_student(args)
+    teacher, teacher_processor = ev.load_model(args.teacher)
+    teacher.requires_grad_(False)
+    check_tokenizers(processor, teacher_processor)
+    forbidden = ev.forbidden_ids(processor)
+    vocab = student.get_output_embeddings().weight.shape[0]
+
+    def score(seq, ids, mask, samples):
+        """The teacher's view of the same tokens with the same video tensors."""
+        t_logits = completion_logits(teacher, seq, ids.shape[1], args.temperature, forbidden, vocab)
+        if args.loss == "fullkl":
+            return {"teacher_logits": t_logits, "teacher_logp": token_logp(t_logits, ids)}
+        return {"teacher_logp": token_logp(t_logits, ids)}
+
+    def loss_fn(logits, ids, mask, old_logp, scored):
+        if args.loss == "fullkl":
+            return fullkl_loss(logits, scored["teacher_logits"], mask, args.kl_chunk)
+        return opd_loss(token_logp(logits, ids), old_logp, scored["teacher_logp"], mask)
+
+    if args.tvdf_rounds:
+        import tvdf
+        evals = tvdf.curriculum(args, student, processor, teacher, score, loss_fn)
+    else:
+        evals = train(args, student, processor, score, loss_fn,
+                      rollout_model=teacher if args.rollouts == "teacher" else None, group=args.rollouts_per_prompt)
+    student.save_pretrained(f"{args.out}/final"), processor.save_pretrained(f"{args.out}/final")
+    if evals:
+        rows = {"student before": evals[0]["eval"], "student after": evals[-1]["eval"],
+                "teacher": teacher_metrics(args, teacher, processor)}
+        print(ev.format_table(rows))
+        with open(f"{args.out}/summary.json", "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
