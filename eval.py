@@ -78,10 +78,15 @@ def generate(model, processor, batch, max_new_tokens=32, temperature=None):
         out = model.generate(**batch, max_new_tokens=max_new_tokens, suppress_tokens=forbidden_ids(processor),
                              pad_token_id=tok.pad_token_id, **sampling)
     ids = out[:, batch["input_ids"].shape[1]:]
-    is_eos = torch.isin(ids, torch.tensor(sorted(eos), device=ids.device))
-    after_eos = (is_eos.long().cumsum(1) - is_eos.long()) > 0  # EOS itself stays in, even when pad == eos
-    mask = (~after_eos).long()
-    return ids.masked_fill(after_eos, tok.pad_token_id), mask
+    mask = completion_mask(ids, eos)
+    return ids.masked_fill(mask == 0, tok.pad_token_id), mask
+
+
+def completion_mask(ids, eos_ids):
+    """[B, T] -> 1 up to and including the first EOS, 0 after. Found by position, not by token, so the EOS
+    stays in the loss even when pad == eos (trl PR #6357)."""
+    is_eos = torch.isin(ids, torch.tensor(sorted(eos_ids), device=ids.device)).long()
+    return ((is_eos.cumsum(1) - is_eos) == 0).long()
 
 
 def decode(processor, ids, mask):

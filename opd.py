@@ -159,7 +159,8 @@ def fullkl_loss(logits, teacher_logits, mask, chunk=16):
     for t in range(0, logits.shape[1], chunk):
         s = torch.log_softmax(logits[:, t:t + chunk].float(), -1)
         q = torch.log_softmax(teacher_logits[:, t:t + chunk].float(), -1)
-        kl = (s.exp() * (s - q)).nan_to_num(0.0).sum(-1)  # 0 * (-inf - -inf) on forbidden tokens -> 0
+        # forbidden tokens are -inf in both: zero their terms before the product, or the backward pass is NaN
+        kl = (s.exp() * (s - q).masked_fill(torch.isinf(s), 0.0)).sum(-1)
         total = total + (kl * mask[:, t:t + chunk]).sum()
     return total / logits.shape[0]
 

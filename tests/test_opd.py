@@ -1,0 +1,183 @@
+"""opd.py: Eq. 5-6, the full-vocabulary KL, the rollout/scoring machinery, a smoke run and resume."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import data
+import eval as ev
+import opd
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_eq6_gradient_is_reverse_kl_gradient_in_expectation():
+    """-sum_t ratio_t r_t on samples from pi has, in expectation, the gradient of KL(pi || teacher)."""
+    torch.manual_seed(0)
+    theta = torch.randn(6, requires_grad=True)
+    teacher = torch.log_softmax(torch.randn(6) * 2, -1)
+    p = torch.softmax(theta, -1)
+    exact = torch.autograd.grad((p * (torch.log(p) - teacher)).sum(), theta)[0]
+    a = torch.multinomial(p.detach(), 400_000, replacement=True)
+    logp = torch.log_softmax(theta, -1)[a].unsqueeze(1)  # [N, T=1]
+    loss = opd.opd_loss(logp, logp.detach(), teacher[a].unsqueeze(1), torch.ones_like(logp))
+    sampled = torch.autograd.grad(loss, theta)[0]
+    assert torch.allclose(sampled, exact, atol=0.02), (sampled, exact)
+    assert exact.abs().max() > 0.1  # the comparison is not between two near-zero vectors
+
+
+def test_opd_loss_value_sum_over_tokens_mean_over_sequences():
+    logp = torch.zeros(2, 3)
+    teacher = torch.tensor([[-1.0, -2.0, -5.0], [-1.0, 0.0, 0.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]]).float()
+    # ratio 1, reward = teacher - old: sequence sums -3 and -1 -> loss = -mean(-3, -1) = 2
+    assert opd.opd_loss(logp, logp, teacher, mask).item() == pytest.approx(2.0)
+
+
+def test_fullkl_equals_brute_force_and_ignores_forbidden_tokens():
+    torch.manual_seed(1)
+    s, t = torch.randn(2, 5, 7), torch.randn(2, 5, 7)
+    s[..., 3], t[..., 3] = float("-inf"), float("-inf")  # a forbidden token in both supports
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]).float()
+    brute = 0.0
+    for b in range(2):
+        for i in range(5):
+            ps, pt = torch.softmax(s[b, i], -1), torch.softmax(t[b, i], -1)
+            keep = ps > 0
+            brute += mask[b, i] * (ps[keep] * (ps[keep].log() - pt[keep].log())).sum()
+    for chunk in (1, 2, 16):
+        assert opd.fullkl_loss(s, t, mask, chunk).item() == pytest.approx(brute.item() / 2, rel=1e-5)
+
+
+def test_fullkl_gradient_is_finite_with_forbidden_tokens():
+    s = torch.randn(1, 3, 5, requires_grad=True)
+    t = torch.randn(1, 3, 5)
+    blocked = torch.tensor([False, True, False, False, False])
+    opd.fullkl_loss(s.masked_fill(blocked, float("-inf")), t.masked_fill(blocked, float("-inf")),
+                    torch.ones(1, 3)).backward()
+    assert torch.isfinite(s.grad).all() and s.grad.abs().sum() > 0
+    assert (s.grad[..., 1] == 0).all()
+
+
+def test_completion_logits_slices_padded_teacher_vocab_and_blocks_forbidden():
+    """A teacher with a padded embedding (vocab 10 vs the student's 7) is scored over the student's 7."""
+    logits = torch.randn(2, 6, 10)
+    fake = lambda **kw: SimpleNamespace(logits=logits[:, -kw["logits_to_keep"]:])
+    out = opd.completion_logits(fake, {}, T=3, temperature=2.0, forbidden=[1, 4], vocab=7)
+    assert out.shape == (2, 3, 7)
+    assert torch.isinf(out[..., [1, 4]]).all()
+    # position t's logits predict completion token t: the T+1 kept positions drop the last one
+    assert torch.allclose(out[..., 0], logits[:, 2:5, 0] / 2.0)
+
+
+def test_completion_mask_keeps_eos_when_pad_equals_eos():
+    eos = 9
+    ids = torch.tensor([[4, 5, eos, eos, eos], [4, eos, 6, 7, eos], [1, 2, 3, 4, 5]])
+    assert ev.completion_mask(ids, [eos]).tolist() == [[1, 1, 1, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 1, 1]]
+
+
+@pytest.fixture(scope="module")
+def student(tiny):
+    model, processor = ev.load_model(tiny["student"])
+    samples = data.load_annotations(tiny["test"])[:2]
+    videos, _ = ev.load_videos(samples)
+    return model, processor, samples, data.encode(processor, samples, videos)
+
+
+def test_expand_keeps_video_features_aligned(student):
+    """Each repeated prompt must see its own video: logits of the expanded batch equal the originals."""
+    model, processor, samples, batch = student
+    with torch.no_grad():
+        base = model(**batch).logits
+        big = model(**opd.expand(batch, 3)).logits
+    assert big.shape[0] == 6
+    for i in range(2):
+        for k in range(3):
+            assert torch.allclose(big[3 * i + k], base[i], atol=1e-5)
+    # and the two videos really differ in what the model sees
+    assert not torch.allclose(base[0, -1], base[1, -1], atol=1e-4)
+
+
+def test_sampling_and_scoring_use_the_same_temperature(student):
+    """First-token frequencies of eval.generate at T=3 follow softmax(completion_logits at T=3)."""
+    model, processor, samples, batch = student
+    one = opd.expand(BatchFeatureSlice(batch, 0), 1)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(20)  # a peaked distribution, so temperatures are told apart
+        try:
+            n, temperature = 3000, 3.0
+            ids, mask = ev.generate(model, processor, opd.expand(one, n), max_new_tokens=1, temperature=temperature)
+            seq = opd.append_completion(one, ids[:1], mask[:1])
+            lp = torch.log_softmax(opd.completion_logits(model, seq, 1, temperature, ev.forbidden_ids(processor)), -1)
+            lp1 = torch.log_softmax(opd.completion_logits(model, seq, 1, 1.0, ev.forbidden_ids(processor)), -1)
+        finally:
+            model.lm_head.weight.div_(20)
+    freq = torch.bincount(ids[:, 0], minlength=lp.shape[-1]).float() / n
+    top = lp[0, 0].topk(3).indices
+    assert torch.allclose(freq[top], lp[0, 0, top].exp(), atol=0.04), (freq[top], lp[0, 0, top].exp())
+    assert (lp[0, 0, top].exp() - lp1[0, 0, top].exp()).abs().max() > 0.1  # T=1 would have been told apart
+    assert not set(ids.flatten().tolist()) & set(ev.forbidden_ids(processor))
+
+
+def BatchFeatureSlice(batch, i):
+    """Prompt i of a batch (its own video patches) as a batch of one."""
+    sizes = batch["video_grid_thw"].prod(-1).tolist()
+    out = {k: v[i:i + 1] for k, v in batch.items() if k != "pixel_values_videos"}
+    out["pixel_values_videos"] = batch["pixel_values_videos"].split(sizes)[i]
+    return opd.BatchFeature(out)
+
+
+def _run(script, tiny, out, *extra):
+    cmd = [sys.executable, script, "--student", tiny["student"], "--teacher", tiny["teacher"], "--data", tiny["train"],
+           "--eval-data", tiny["test"], "--out", str(out), "--prompts-per-step", "4", "--micro-batch", "2",
+           "--lr", "1e-3", "--max-new-tokens", "8", "--eval-limit", "4", *extra]
+    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return res.stdout
+
+
+def _weights(folder):
+    return load_file(os.path.join(folder, "model.safetensors"))
+
+
+@pytest.mark.parametrize("loss", ["sampled", "fullkl"])
+def test_smoke_two_steps_and_resume(tiny, tmp_path, loss):
+    """2 steps in one go == 1 step, then --resume to 2 (same weights); the log has what it promises."""
+    out = _run("opd.py", tiny, tmp_path / "full", "--steps", "2", "--loss", loss)
+    assert "student before" in out and "teacher" in out
+    log = [json.loads(x) for x in open(tmp_path / "full" / "log.jsonl")]
+    steps = [r for r in log if "loss" in r]
+    assert [r["step"] for r in steps] == [1, 2]
+    for key in ("kl", "rollout_iou", "tokens_per_s", "time", "grad_norm"):
+        assert key in steps[0]
+    assert set(steps[0]["time"]) == {"generate", "student", "teacher", "other"}
+    assert steps[0]["grad_norm"] > 0  # the loss reaches the student's weights
+    _run("opd.py", tiny, tmp_path / "split", "--steps", "1", "--loss", loss)
+    _run("opd.py", tiny, tmp_path / "split", "--steps", "2", "--loss", loss, "--resume")
+    a, b = _weights(tmp_path / "full" / "final"), _weights(tmp_path / "split" / "final")
+    start = _weights(tiny["student"])
+    assert any(not torch.equal(a[k], start[k]) for k in a)  # training changed something
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-6), k
+
+
+def test_off_policy_rollouts_from_teacher(tiny, tmp_path):
+    out = _run("opd.py", tiny, tmp_path, "--steps", "1", "--rollouts", "teacher")
+    assert "student after" in out
+
+
+def test_mismatched_tokenizers_are_refused():
+    a = SimpleNamespace(tokenizer=SimpleNamespace(get_vocab=lambda: {"x": 1, "y": 2}), video_token_id=5)
+    b = SimpleNamespace(tokenizer=SimpleNamespace(get_vocab=lambda: {"x": 1, "y": 3}), video_token_id=5)
+    with pytest.raises(ValueError, match="disagree"):
+        opd.check_tokenizers(a, b)
+    c = SimpleNamespace(tokenizer=SimpleNamespace(get_vocab=lambda: {"x": 1}), video_token_id=6)
+    with pytest.raises(ValueError, match="video"):
+        opd.check_tokenizers(a, c)
