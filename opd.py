@@ -61,7 +61,9 @@ class Args:
     seed: int = 0                   # seeds prompt order, sampling and init
     tvdf_rounds: int = 0            # TVDF curriculum rounds inline (0: off; see tvdf.py)
     tvdf_k: int = 0                 # samples added to the pool per TVDF round
-    tvdf_tau: float = 0.5           # TRPV threshold on the teacher's IoU (see tvdf.py)
+    tvdf_tau: float = 0.5           # TRPV: drop samples whose teacher IoU is below this (see tvdf.py)
+    tvdf_strategy: str = "topk"     # DBTP variant: topk | dsus | bbds | gwds
+    tvdf_pool: int = 0              # candidate pool: the first N training samples (0: all)
 
 
 # The miniature's own settings, used when no --student/--teacher/--data is given. Tiny random-init models
