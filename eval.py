@@ -1,9 +1,11 @@
 """Decoding and the field's metrics for temporal video grounding.
 
     python eval.py [--model M] [--data ANNOTATIONS] [--video-root DIR] [--out preds.jsonl]
+    python eval.py --compare runs/opd runs/grpo [...] [--plot compare.png]
 
 With no --model/--data it evaluates the miniature teacher on the miniature test set (built on first use).
 Prints R1@0.3/0.5/0.7 and mIoU; writes one JSON line per query; an interrupted run resumes from that file.
+--compare reads training runs' log.jsonl files and prints/plots their evaluation curves side by side.
 """
 import argparse
 import json
@@ -144,6 +146,57 @@ def evaluate(model, processor, samples, **kw):
     return compute_metrics([r["pred"] for r in rows], [r["gt"] for r in rows]), rows
 
 
+# ----------------------------------------------------------------------------- comparing training runs
+def compare(runs, out="compare"):
+    """Runs' log.jsonl -> table (steps, wall, best/final mIoU and R1@0.5, time-to-target) + compare.json/.png.
+
+    Time-to-target: the wall time and step at which each run first reaches the best mIoU of the weakest run,
+    a target every run reaches.
+    """
+    curves = {}
+    for run in runs:
+        with open(os.path.join(run, "log.jsonl")) as f:
+            records = [json.loads(line) for line in f if line.strip()]
+        evals = [r for r in records if "eval" in r]
+        if not evals:
+            raise SystemExit(f"{run}/log.jsonl has no evaluation records")
+        curves[run] = evals
+    target = min(max(e["eval"]["mIoU"] for e in evals) for evals in curves.values())
+    summary = {}
+    for run, evals in curves.items():
+        hit = next(e for e in evals if e["eval"]["mIoU"] >= target)
+        summary[run] = {"steps": evals[-1]["step"], "wall_s": evals[-1]["wall"],
+                        "best_mIoU": max(e["eval"]["mIoU"] for e in evals), "final_mIoU": evals[-1]["eval"]["mIoU"],
+                        "best_R1@0.5": max(e["eval"]["R1@0.5"] for e in evals),
+                        "final_R1@0.5": evals[-1]["eval"]["R1@0.5"],
+                        "target_mIoU": target, "target_step": hit["step"], "target_wall_s": hit["wall"]}
+    cols = list(next(iter(summary.values())))
+    width = max(len(r) for r in runs) + 2
+    print(f"{'run':<{width}}" + "".join(f"{c:>14}" for c in cols))
+    for run, row in summary.items():
+        print(f"{run:<{width}}" + "".join(f"{v:14.1f}" for v in row.values()))
+    with open(out + ".json", "w") as f:
+        json.dump(summary, f, indent=1)
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: table only, no plot")
+        return summary
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for run, evals in curves.items():
+        for ax, x in zip(axes, ("step", "wall")):
+            ax.plot([e[x] for e in evals], [e["eval"]["mIoU"] for e in evals], marker=".", label=run)
+    for ax, label in zip(axes, ("optimizer step", "training wall-clock (s)")):
+        ax.set_xlabel(label), ax.set_ylabel("test mIoU"), ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out + ".png", dpi=120)
+    print(f"wrote {out}.json and {out}.png")
+    return summary
+
+
 # ----------------------------------------------------------------------------- CLI
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -156,7 +209,11 @@ def main():
     p.add_argument("--fps", type=float, default=2.0, help="frames per second sampled from each video")
     p.add_argument("--max-frames", type=int, default=256, help="frame cap per video")
     p.add_argument("--skip-bad", action="store_true", help="skip unreadable videos (counted) instead of stopping")
+    p.add_argument("--compare", nargs="+", metavar="RUN", help="compare training runs (folders with log.jsonl)")
+    p.add_argument("--compare-out", default="compare", help="writes COMPARE_OUT.json and COMPARE_OUT.png")
     args = p.parse_args()
+    if args.compare:
+        return compare(args.compare, args.compare_out)
     if not args.model or not args.data:
         import toy
         paths = toy.ensure()
