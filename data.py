@@ -34,11 +34,14 @@ class DataError(ValueError):
 
 
 # ----------------------------------------------------------------------------- annotations
+VIDEO_EXTS = (".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v")
+
+
 def _detect_format(path, text):
     """'charades_txt' | 'json' | 'qvhighlights' | 'jsonl' from the file's content (not its name)."""
     try:
         obj = json.loads(text)
-        if isinstance(obj, dict) and all(isinstance(v, dict) and "timestamps" in v for v in obj.values()):
+        if isinstance(obj, dict) and obj and all(isinstance(v, dict) and "timestamps" in v for v in obj.values()):
             return "json"
     except json.JSONDecodeError:
         pass
@@ -49,35 +52,37 @@ def _detect_format(path, text):
         row = json.loads(first)
     except json.JSONDecodeError:
         raise DataError(f"{path}: unknown annotation format (first line: {first[:80]!r})")
-    if isinstance(row, dict) and "relevant_windows" in row:
+    keys = set(row) if isinstance(row, dict) else set()
+    if "relevant_windows" in keys:
         return "qvhighlights"
-    if isinstance(row, dict) and {"video", "query", "span"} <= set(row):
+    if {"video", "query", "span"} <= keys:
         return "jsonl"
-    raise DataError(f"{path}: unknown annotation format (first line has keys {sorted(row)[:8]})")
+    raise DataError(f"{path}: unknown annotation format (first line: {first[:80]!r})")
 
 
-def _rows(path, text, fmt):
-    """Yield (where, video, query, start, end, duration) from each format; `where` names the line or key."""
+def _entries(text, fmt):
+    """Yield (where, entry): one key of the JSON format, or one non-empty line of the others."""
     if fmt == "json":
-        for vid, ann in json.loads(text).items():
-            for j, ((s, e), q) in enumerate(zip(ann["timestamps"], ann["sentences"])):
-                yield f"key {vid}[{j}]", vid, q, s, e, ann.get("duration")
-    elif fmt == "charades_txt":
-        for n, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                head, _, q = line.partition("##")
-                vid, s, e = head.split()
-                yield f"line {n}", vid, q, s, e, None
+        yield from ((f"key {vid}", (vid, ann)) for vid, ann in json.loads(text).items())
     else:
-        for n, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            r = json.loads(line)
-            if fmt == "qvhighlights":  # several windows per query: each is a ground-truth span
-                for s, e in r["relevant_windows"]:
-                    yield f"line {n}", r["vid"], r["query"], s, e, r.get("duration")
-            else:
-                yield f"line {n}", r["video"], r["query"], r["span"][0], r["span"][1], r.get("duration")
+        yield from ((f"line {n}", line) for n, line in enumerate(text.splitlines(), 1) if line.strip())
+
+
+def _parse(fmt, entry):
+    """One entry -> [(video, query, start, end, duration)]; raises KeyError/ValueError/... when malformed."""
+    if fmt == "json":
+        vid, ann = entry
+        if len(ann["timestamps"]) != len(ann["sentences"]):
+            raise ValueError(f"{len(ann['timestamps'])} timestamps but {len(ann['sentences'])} sentences")
+        return [(vid, q, s, e, ann.get("duration")) for (s, e), q in zip(ann["timestamps"], ann["sentences"])]
+    if fmt == "charades_txt":
+        head, _, q = entry.partition("##")
+        vid, s, e = head.split()
+        return [(vid, q, s, e, None)]
+    r = json.loads(entry)
+    if fmt == "qvhighlights":  # several windows per query: each is a ground-truth span
+        return [(r["vid"], r["query"], s, e, r.get("duration")) for s, e in r["relevant_windows"]]
+    return [(r["video"], r["query"], r["span"][0], r["span"][1], r.get("duration"))]
 
 
 def load_annotations(path, video_root=None, video_ext=".mp4"):
@@ -86,7 +91,7 @@ def load_annotations(path, video_root=None, video_ext=".mp4"):
     Formats (detected from the content): raw Charades-STA txt `VID START END##sentence`; JSON
     `{vid: {"duration", "timestamps": [[s, e], ...], "sentences": [...]}}` (Charades-STA, ActivityNet Captions);
     QVHighlights JSONL (`query`, `vid`, `duration`, `relevant_windows`); plain JSONL (`video`, `query`, `span`,
-    optional `duration`). A video id without an extension becomes `video_root/ID.mp4`; relative paths are
+    optional `duration`). A video id without a video extension becomes `video_root/ID.mp4`; relative paths are
     taken from `video_root` (default: the annotation file's folder). Ends past the video are clamped to its
     duration and spans with start >= end are dropped: both are counted and printed once.
     """
@@ -97,24 +102,32 @@ def load_annotations(path, video_root=None, video_ext=".mp4"):
     fmt = _detect_format(path, text)
     root = video_root if video_root is not None else os.path.dirname(os.path.abspath(path))
     samples, clamped, dropped, seen = [], 0, 0, {}
-    for where, vid, query, s, e, dur in _rows(path, text, fmt):
+    for where, entry in _entries(text, fmt):
         try:
-            s, e = float(s), float(e)
-            dur = float(dur) if dur is not None else None
-        except (TypeError, ValueError):
-            raise DataError(f"{path}: {where}: span {s!r}-{e!r} is not a number")
-        if not str(query).strip():
-            raise DataError(f"{path}: {where}: empty query")
-        if dur is not None and e > dur:
-            e, clamped = dur, clamped + 1
-        if s >= e:
-            dropped += 1
-            continue
-        video = vid if os.path.splitext(vid)[1] else vid + video_ext
-        video = video if os.path.isabs(video) else os.path.join(root, video)
-        base = os.path.splitext(os.path.basename(vid))[0]
-        seen[base] = seen.get(base, -1) + 1
-        samples.append(Sample(video, str(query).strip(), (s, e), dur, f"{base}#{seen[base]}"))
+            rows = _parse(fmt, entry)
+        except (KeyError, IndexError, TypeError, ValueError) as err:  # json.JSONDecodeError is a ValueError
+            raise DataError(f"{path}: {where}: malformed entry ({type(err).__name__}: {err})")
+        for j, (vid, query, s, e, dur) in enumerate(rows):
+            at = f"{where}[{j}]" if fmt == "json" else where
+            try:
+                s, e = float(s), float(e)
+                dur = float(dur) if dur is not None else None
+            except (TypeError, ValueError):
+                raise DataError(f"{path}: {at}: span {s!r}-{e!r} is not a number")
+            if query is None or not str(query).strip():
+                raise DataError(f"{path}: {at}: empty query")
+            if dur is not None and e > dur:
+                e, clamped = dur, clamped + 1
+            if s >= e:
+                dropped += 1
+                continue
+            vid = str(vid)
+            has_ext = os.path.splitext(vid)[1].lower() in VIDEO_EXTS  # QVHighlights ids hold dots: 'ID_210.0_360.0'
+            video = vid if has_ext else vid + video_ext
+            video = video if os.path.isabs(video) else os.path.join(root, video)
+            base = os.path.basename(os.path.splitext(vid)[0] if has_ext else vid)
+            seen[base] = seen.get(base, -1) + 1
+            samples.append(Sample(video, str(query).strip(), (s, e), dur, f"{base}#{seen[base]}"))
     if clamped or dropped:
         print(f"{path}: clamped {clamped} span ends to the video duration, dropped {dropped} spans with start >= end")
     if not samples:

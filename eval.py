@@ -30,6 +30,8 @@ def iou(a, b):
 
 def compute_metrics(pred_spans, gt_spans):
     """Lists of spans (a prediction may be None) -> {"R1@0.3", "R1@0.5", "R1@0.7", "mIoU"} in percent."""
+    if not gt_spans:
+        raise ValueError("no predictions to score (every sample skipped?)")
     ious = [iou(p, g) for p, g in zip(pred_spans, gt_spans, strict=True)]
     out = {f"R1@{t}": 100.0 * sum(x >= t for x in ious) / len(ious) for t in THRESHOLDS}
     out["mIoU"] = 100.0 * sum(ious) / len(ious)
