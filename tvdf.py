@@ -19,7 +19,7 @@ import numpy as np
 import data
 import eval as ev
 
-STRATEGIES = ("topk", "dsus", "bbds", "gwds")
+STRATEGIES = ("topk", "dsus", "bbds", "gwds", "random")
 
 
 def select(teacher_iou, student_iou, k, tau, strategy="topk", seed=0):
@@ -29,6 +29,7 @@ def select(teacher_iou, student_iou, k, tau, strategy="topk", seed=0):
     dsus  sort by delta, take k at uniform strides (covers the whole range of disagreement)
     bbds  5 equal-width buckets over delta's range, the same number from each (leftovers to fuller buckets)
     gwds  sample without replacement, p_i ~ exp(-(delta_i - 0.9)^2 / (2 * 0.2^2))
+    random  k uniformly at random, ignoring delta: TRPV alone (the ablation; tau=0 with topk is DBTP alone)
     """
     teacher_iou, student_iou = np.asarray(teacher_iou, float), np.asarray(student_iou, float)
     rng = np.random.default_rng(seed)
@@ -53,6 +54,8 @@ def select(teacher_iou, student_iou, k, tau, strategy="topk", seed=0):
     elif strategy == "gwds":
         w = np.exp(-(delta - 0.9) ** 2 / (2 * 0.2 ** 2))
         pick = rng.choice(len(valid), size=k, replace=False, p=w / w.sum()) if k else order[:0]
+    elif strategy == "random":
+        pick = rng.permutation(len(valid))[:k]
     else:
         raise ValueError(f"unknown strategy {strategy!r}; one of {STRATEGIES}")
     return valid[pick]

@@ -1,0 +1,89 @@
+"""tvdf.py: select() on crafted inputs for every strategy, and the CLI / inline curriculum on the reduced miniature."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import data
+import tvdf
+from test_opd import ROOT, _run
+
+T = np.array([0.9, 0.2, 0.8, 0.95, 0.7, 0.6, 0.3, 1.0])
+S = np.array([0.1, 0.0, 0.7, 0.2, 0.6, 0.1, 0.0, 0.95])   # deltas: .8 .2 .1 .75 .1 .5 .3 .05
+
+
+@pytest.mark.parametrize("strategy", tvdf.STRATEGIES)
+def test_nothing_below_tau_and_no_repeats(strategy):
+    for seed in range(20):
+        for k in (1, 3, 5, 100):
+            pick = tvdf.select(T, S, k, 0.5, strategy, seed)
+            assert (T[pick] >= 0.5).all()
+            assert len(set(pick.tolist())) == len(pick) == min(k, (T >= 0.5).sum())
+
+
+def test_topk_takes_the_largest_deltas_among_those_passing_tau():
+    assert tvdf.select(T, S, 3, 0.5).tolist() == [0, 3, 5]
+    assert tvdf.select(T, S, 2, 0.0).tolist() == [0, 3]          # tau 0: DBTP alone
+    assert tvdf.select(T, S, 3, 0.85).tolist() == [0, 3, 7]      # only 3 pass
+    assert tvdf.select(T, S, 3, 1.01).tolist() == []             # none pass
+
+
+def test_dsus_spreads_over_the_sorted_deltas():
+    # passing (tau .5), sorted by delta: 0 (.8), 3 (.75), 5 (.5), 2 (.1), 4 (.1), 7 (.05)
+    assert tvdf.select(T, S, 3, 0.5, "dsus").tolist() == [0, 5, 7]
+
+
+def test_bbds_draws_evenly_from_five_buckets():
+    delta = np.linspace(0, 1, 100)            # 20 samples per bucket
+    t = np.ones(100)
+    pick = tvdf.select(t, t - delta, 10, 0.5, "bbds", seed=3)
+    counts = np.bincount(np.minimum((delta[pick] * 5).astype(int), 4), minlength=5)
+    assert counts.tolist() == [2, 2, 2, 2, 2]
+    # a bucket with too few samples hands its share to the others
+    delta = np.r_[np.zeros(30), [0.5], np.ones(30)]
+    pick = tvdf.select(np.ones(61), 1 - delta, 7, 0.5, "bbds")
+    assert len(pick) == 7 and 30 in pick.tolist()
+
+
+def test_gwds_frequencies_follow_its_formula():
+    delta = np.array([0.9, 0.7, 0.5, 0.2, -0.2])
+    p = np.exp(-(delta - 0.9) ** 2 / (2 * 0.2 ** 2))
+    p /= p.sum()
+    n = 4000
+    counts = np.bincount([tvdf.select(np.ones(5), 1 - delta, 1, 0.5, "gwds", seed)[0] for seed in range(n)],
+                         minlength=5)
+    assert np.allclose(counts / n, p, atol=0.025), (counts / n, p)
+
+
+def test_random_ignores_delta():
+    picks = np.concatenate([tvdf.select(T, S, 1, 0.5, "random", seed) for seed in range(600)])
+    counts = np.bincount(picks, minlength=8)[T >= 0.5]
+    assert counts.min() > 60  # every passing sample is drawn about 1/6 of the time
+
+
+def test_unknown_strategy():
+    with pytest.raises(ValueError, match="unknown strategy"):
+        tvdf.select(T, S, 1, 0.5, "nope")
+
+
+def test_cli_writes_a_loadable_subset(tiny, tmp_path):
+    out = tmp_path / "selected.jsonl"
+    res = subprocess.run([sys.executable, "tvdf.py", "--student", tiny["student"], "--teacher", tiny["teacher"],
+                          "--data", tiny["train"], "--k", "5", "--tau", "0", "--out", str(out)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "delta mean" in res.stdout and "wrote 5 samples" in res.stdout
+    chosen = data.load_annotations(str(out))
+    pool = {s.query + s.video: s for s in data.load_annotations(tiny["train"])}
+    assert len(chosen) == 5 and all(s.query + s.video in pool for s in chosen)
+    assert (tmp_path / "selected.teacher_iou.json").exists()  # the teacher's scores are cached
+
+
+def test_inline_curriculum_two_rounds(tiny, tmp_path):
+    out = _run("opd.py", tiny, tmp_path, "--steps", "2", "--tvdf-rounds", "2", "--tvdf-k", "3", "--tvdf-tau", "0")
+    assert out.count("TVDF round") == 2
+    log = [json.loads(x) for x in open(tmp_path / "log.jsonl")]
+    assert [r["step"] for r in log if "loss" in r] == [1, 2] and {r["round"] for r in log} == {1, 2}
+    assert json.load(open(tmp_path / "teacher_iou.json"))  # cached for the next rounds
