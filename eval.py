@@ -10,6 +10,9 @@ Prints R1@0.3/0.5/0.7 and mIoU; writes one JSON line per query; an interrupted r
 import argparse
 import json
 import os
+import re
+
+import numpy as np
 
 import torch
 from tqdm import tqdm
@@ -177,8 +180,18 @@ def compare(runs, out="compare"):
     print(f"{'run':<{width}}" + "".join(f"{c:>14}" for c in cols))
     for run, row in summary.items():
         print(f"{run:<{width}}" + "".join(f"{v:14.1f}" for v in row.values()))
+    groups = {}  # runs named NAME-s0, NAME-s1, ... are seeds of one configuration: mean and std over them
+    for run, row in summary.items():
+        groups.setdefault(re.sub(r"-s\d+$", "", run.rstrip("/")), []).append(row)
+    seeds = {g: {k: (float(np.mean([r[k] for r in rows])), float(np.std([r[k] for r in rows]))) for k in cols}
+             for g, rows in groups.items() if len(rows) > 1}
+    if seeds:
+        print(f"\nmean ± std over seeds")
+        print(f"{'config':<{width}}" + "".join(f"{c:>14}" for c in cols))
+        for g, row in seeds.items():
+            print(f"{g:<{width}}" + "".join(f"{m:8.1f} ±{s:4.1f}" for m, s in row.values()))
     with open(out + ".json", "w") as f:
-        json.dump(summary, f, indent=1)
+        json.dump({"runs": summary, "seeds": seeds}, f, indent=1)
     try:
         import matplotlib
         matplotlib.use("Agg")
