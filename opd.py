@@ -67,10 +67,12 @@ class Args:
 
 
 # The miniature's own settings, used when no --student/--teacher/--data is given. Tiny random-init models
-# need a far larger learning rate than 1e-6, and on a ~400-token vocabulary the exact KL is cheap and gives
-# the direction to the right digit instead of only "not this digit" (see README, "Results in miniature").
-MINIATURE = dict(steps=60, prompts_per_step=16, micro_batch=16, lr=3e-4, warmup_steps=5, max_new_tokens=24,
-                 loss="fullkl", eval_every=10, save_every=30)
+# need a far larger learning rate than 1e-6, and on a ~400-token vocabulary the exact KL is cheap and gives the
+# direction to the right digit instead of only "not this digit". Measured (README, "Results in miniature"):
+# fullkl at lr 1e-3 took the student from mIoU 68.6 to the teacher's 98 in 225 steps; the sampled estimator at
+# the same lr was unstable (37-79).
+MINIATURE = dict(steps=200, prompts_per_step=16, micro_batch=16, lr=1e-3, warmup_steps=5, max_new_tokens=24,
+                 loss="fullkl", eval_every=25, save_every=100, tvdf_pool=512)
 
 
 def cli(cls, miniature):
