@@ -158,7 +158,7 @@ def compare(runs, out="compare"):
     Time-to-target: the wall time and step at which each run first reaches the best mIoU of the weakest run,
     a target every run reaches.
     """
-    curves = {}
+    curves, costs = {}, {}
     for run in runs:
         with open(os.path.join(run, "log.jsonl")) as f:
             records = [json.loads(line) for line in f if line.strip()]
@@ -166,6 +166,11 @@ def compare(runs, out="compare"):
         if not evals:
             raise SystemExit(f"{run}/log.jsonl has no evaluation records")
         curves[run] = evals
+        steps = [r for r in records if "time" in r]
+        split = {k: float(np.mean([r["time"][k] for r in steps])) for k in steps[0]["time"]} if steps else {}
+        costs[run] = {"s_per_step": sum(split.values()), **{f"{k}_s": v for k, v in split.items()},
+                      "other_%": 100 * split.get("other", 0) / max(sum(split.values()), 1e-9),
+                      "tokens_per_s": float(np.mean([r["tokens_per_s"] for r in steps])) if steps else 0.0}
     target = min(max(e["eval"]["mIoU"] for e in evals) for evals in curves.values())
     summary = {}
     for run, evals in curves.items():
@@ -180,6 +185,11 @@ def compare(runs, out="compare"):
     print(f"{'run':<{width}}" + "".join(f"{c:>14}" for c in cols))
     for run, row in summary.items():
         print(f"{run:<{width}}" + "".join(f"{v:14.1f}" for v in row.values()))
+    print("\nwhere a training step's time goes (mean seconds per step)")
+    ccols = list(next(iter(costs.values())))
+    print(f"{'run':<{width}}" + "".join(f"{c:>14}" for c in ccols))
+    for run, row in costs.items():
+        print(f"{run:<{width}}" + "".join(f"{v:14.3f}" for v in row.values()))
     groups = {}  # runs named NAME-s0, NAME-s1, ... are seeds of one configuration: mean and std over them
     for run, row in summary.items():
         groups.setdefault(re.sub(r"-s\d+$", "", run.rstrip("/")), []).append(row)
@@ -191,7 +201,7 @@ def compare(runs, out="compare"):
         for g, row in seeds.items():
             print(f"{g:<{width}}" + "".join(f"{m:8.1f} ±{s:4.1f}" for m, s in row.values()))
     with open(out + ".json", "w") as f:
-        json.dump({"runs": summary, "seeds": seeds}, f, indent=1)
+        json.dump({"runs": summary, "seeds": seeds, "step_time": costs}, f, indent=1)
     try:
         import matplotlib
         matplotlib.use("Agg")
