@@ -194,13 +194,13 @@ def load_student(args):
 
 def resolve_miniature(args):
     """Fill the miniature's models and data into whatever the user did not give (building it on first use)."""
-    if not (args.student and args.data):
+    if not (args.student and args.data):  # real runs name their own models and data (grpo.py has no teacher)
         import toy
         paths = toy.ensure()
         args.student = args.student or paths["student"]
         args.teacher = args.teacher or paths["teacher"]
         args.data = args.data or paths["train"]
-        args.eval_data = args.eval_data or paths["test"]
+        args.eval_data = getattr(args, "eval_data", None) or paths["test"]
     return args
 
 
@@ -229,9 +229,11 @@ def train(args, student, processor, score, loss_fn, rollout_model=None, group=1,
         opt.load_state_dict(state["optimizer"]), sched.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["torch_rng"])
         start, wall = state["step"], state["wall"]
-    else:
-        open(f"{args.out}/log.jsonl", "w").close()
-    log = open(f"{args.out}/log.jsonl", "a")
+    kept = []  # on resume: the log up to the checkpoint (a killed run may have logged steps after it)
+    if args.resume and os.path.exists(f"{args.out}/log.jsonl"):
+        kept = [r for r in map(json.loads, open(f"{args.out}/log.jsonl")) if r["step"] <= start]
+    log = open(f"{args.out}/log.jsonl", "w")
+    log.writelines(json.dumps(r) + "\n" for r in kept)
     autocast = torch.autocast(student.device.type, torch.bfloat16, enabled=args.bf16)
 
     def evaluate(step):
@@ -245,7 +247,7 @@ def train(args, student, processor, score, loss_fn, rollout_model=None, group=1,
         tqdm.write(f"step {step}: " + "  ".join(f"{k} {v:.1f}" for k, v in metrics.items()))
         return record
 
-    evals = [evaluate(start)] if test and not args.resume else []
+    evals = [r for r in kept if "eval" in r] or ([evaluate(start)] if test else [])
     bar = tqdm(range(start, args.steps), desc=os.path.basename(args.out.rstrip("/")), initial=start,
                total=args.steps)
     for step in bar:

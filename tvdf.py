@@ -141,12 +141,8 @@ def main():
     p.add_argument("--strategy", default="topk", choices=STRATEGIES, help="DBTP variant (paper default: topk)")
     p.add_argument("--seed", type=int, default=0, help="seed for the sampling strategies")
     p.add_argument("--out", default="selected.jsonl", help="the chosen subset, in the plain JSONL format")
-    args = p.parse_args()
-    if not (args.student and args.teacher and args.data):
-        import toy
-        paths = toy.ensure()
-        args.student, args.teacher = args.student or paths["student"], args.teacher or paths["teacher"]
-        args.data = args.data or paths["train"]
+    import opd
+    args = opd.resolve_miniature(p.parse_args())
     pool = data.load_annotations(args.data, args.video_root)
     pool = pool[:args.pool] if args.pool else pool
     teacher, processor = ev.load_model(args.teacher)

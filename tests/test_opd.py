@@ -161,6 +161,9 @@ def test_smoke_two_steps_and_resume(tiny, tmp_path, loss):
     assert steps[0]["grad_norm"] > 0  # the loss reaches the student's weights
     _run("opd.py", tiny, tmp_path / "split", "--steps", "1", "--loss", loss)
     _run("opd.py", tiny, tmp_path / "split", "--steps", "2", "--loss", loss, "--resume")
+    resumed = [json.loads(x) for x in open(tmp_path / "split" / "log.jsonl")]
+    assert [r["step"] for r in resumed if "loss" in r] == [1, 2]  # one log for the whole run
+    assert [r["step"] for r in resumed if "eval" in r] == [0, 1, 2]  # before, at the 1-step end, after resuming
     a, b = _weights(tmp_path / "full" / "final"), _weights(tmp_path / "split" / "final")
     start = _weights(tiny["student"])
     assert any(not torch.equal(a[k], start[k]) for k in a)  # training changed something
@@ -181,3 +184,14 @@ def test_mismatched_tokenizers_are_refused():
     c = SimpleNamespace(tokenizer=SimpleNamespace(get_vocab=lambda: {"x": 1}), video_token_id=6)
     with pytest.raises(ValueError, match="video"):
         opd.check_tokenizers(a, c)
+
+
+def test_loss_head_memory_completion_only_vs_full_logits(tmp_path):
+    """Peak memory growth of one forward+backward on a ~1k-token video prompt with Qwen's 151,936-row vocab."""
+    res = subprocess.run([sys.executable, "tests/bench_loss_head.py", "--prompt-tokens", "1024", "--completion", "32",
+                          "--workdir", str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
+                         timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    # full logits: ~1.1k x 151,936 x 4 bytes = ~0.7 GB per copy; completion-only: 33 rows
+    assert out["full"] > 500 and out["ratio"] > 5, out
