@@ -152,11 +152,11 @@ def evaluate(model, processor, samples, **kw):
 
 
 # ----------------------------------------------------------------------------- comparing training runs
-def compare(runs, out="compare"):
+def compare(runs, out="compare", target=None):
     """Runs' log.jsonl -> table (steps, wall, best/final mIoU and R1@0.5, time-to-target) + compare.json/.png.
 
     Time-to-target: the wall time and step at which each run first reaches the best mIoU of the weakest run,
-    a target every run reaches.
+    a target every run reaches; or `target` (an mIoU) when given, NaN for runs that never reach it.
     """
     curves, costs = {}, {}
     for run in runs:
@@ -171,10 +171,11 @@ def compare(runs, out="compare"):
         costs[run] = {"s_per_step": sum(split.values()), **{f"{k}_s": v for k, v in split.items()},
                       "other_%": 100 * split.get("other", 0) / max(sum(split.values()), 1e-9),
                       "tokens_per_s": float(np.mean([r["tokens_per_s"] for r in steps])) if steps else 0.0}
-    target = min(max(e["eval"]["mIoU"] for e in evals) for evals in curves.values())
+    if target is None:
+        target = min(max(e["eval"]["mIoU"] for e in evals) for evals in curves.values())
     summary = {}
     for run, evals in curves.items():
-        hit = next(e for e in evals if e["eval"]["mIoU"] >= target)
+        hit = next((e for e in evals if e["eval"]["mIoU"] >= target), {"step": float("nan"), "wall": float("nan")})
         summary[run] = {"steps": evals[-1]["step"], "wall_s": evals[-1]["wall"],
                         "best_mIoU": max(e["eval"]["mIoU"] for e in evals), "final_mIoU": evals[-1]["eval"]["mIoU"],
                         "best_R1@0.5": max(e["eval"]["R1@0.5"] for e in evals),
@@ -193,7 +194,7 @@ def compare(runs, out="compare"):
     groups = {}  # runs named NAME-s0, NAME-s1, ... are seeds of one configuration: mean and std over them
     for run, row in summary.items():
         groups.setdefault(re.sub(r"-s\d+$", "", run.rstrip("/")), []).append(row)
-    seeds = {g: {k: (float(np.mean([r[k] for r in rows])), float(np.std([r[k] for r in rows]))) for k in cols}
+    seeds = {g: {k: (float(np.nanmean([r[k] for r in rows])), float(np.nanstd([r[k] for r in rows]))) for k in cols}
              for g, rows in groups.items() if len(rows) > 1}
     if seeds:
         print(f"\nmean ± std over seeds")
@@ -236,9 +237,10 @@ def main():
     p.add_argument("--skip-bad", action="store_true", help="skip unreadable videos (counted) instead of stopping")
     p.add_argument("--compare", nargs="+", metavar="RUN", help="compare training runs (folders with log.jsonl)")
     p.add_argument("--compare-out", default="compare", help="writes COMPARE_OUT.json and COMPARE_OUT.png")
+    p.add_argument("--target", type=float, help="time-to-target mIoU (default: the weakest run's best)")
     args = p.parse_args()
     if args.compare:
-        return compare(args.compare, args.compare_out)
+        return compare(args.compare, args.compare_out, args.target)
     if not args.model or not args.data:
         import toy
         paths = toy.ensure()

@@ -202,3 +202,33 @@ def test_cli_writes_predictions_and_resumes(tiny, tmp_path):
     again = preds.read_text().splitlines()
     assert again[0] == lines[0] and sorted(json.loads(line)["id"] for line in again) == sorted(ids)
     assert again == lines  # greedy: the resumed run answers the rest as the first run did
+
+
+def _fake_run(folder, curve, step_time):
+    folder.mkdir()
+    with open(folder / "log.jsonl", "w") as f:
+        for i, m in enumerate(curve):
+            if i:
+                f.write(json.dumps({"step": i * 10, "wall": i * 10 * step_time, "loss": 0.1, "tokens_per_s": 100.0,
+                                    "time": {"generate": step_time / 2, "student": step_time / 4,
+                                             "teacher": 0.0, "other": step_time / 4}}) + "\n")
+            f.write(json.dumps({"step": i * 10, "wall": i * 10 * step_time,
+                                "eval": {"R1@0.3": m, "R1@0.5": m, "R1@0.7": m, "mIoU": m}}) + "\n")
+
+
+def test_compare_time_to_target_and_seed_groups(tmp_path):
+    """The weaker run's best (60) is the target: the fast run reaches it at step 10, the slow one at step 30."""
+    _fake_run(tmp_path / "fast-s0", [50, 60, 80, 90], step_time=1.0)
+    _fake_run(tmp_path / "fast-s1", [50, 70, 80, 80], step_time=1.0)
+    _fake_run(tmp_path / "slow", [50, 55, 58, 60], step_time=2.0)
+    runs = [str(tmp_path / n) for n in ("fast-s0", "fast-s1", "slow")]
+    out = ev.compare(runs, str(tmp_path / "cmp"))
+    assert out[runs[0]]["target_mIoU"] == 60 and out[runs[0]]["target_step"] == 10
+    assert out[runs[2]]["target_step"] == 30 and out[runs[2]]["target_wall_s"] == 60
+    assert out[runs[0]]["best_mIoU"] == 90 and out[runs[1]]["final_mIoU"] == 80
+    saved = json.load(open(tmp_path / "cmp.json"))
+    assert saved["seeds"][str(tmp_path / "fast")]["best_mIoU"] == [85.0, 5.0]  # mean, std over the two seeds
+    assert saved["step_time"][runs[2]]["other_%"] == 25.0
+    assert (tmp_path / "cmp.png").stat().st_size > 1000
+    never = ev.compare(runs, str(tmp_path / "cmp2"), target=85)
+    assert never[runs[0]]["target_step"] == 30 and never[runs[2]]["target_step"] != never[runs[2]]["target_step"]
