@@ -197,7 +197,7 @@ def compare(runs, out="compare", target=None):
     seeds = {g: {k: (float(np.nanmean([r[k] for r in rows])), float(np.nanstd([r[k] for r in rows]))) for k in cols}
              for g, rows in groups.items() if len(rows) > 1}
     if seeds:
-        print(f"\nmean ± std over seeds")
+        print("\nmean ± std over seeds")
         print(f"{'config':<{width}}" + "".join(f"{c:>14}" for c in cols))
         for g, row in seeds.items():
             print(f"{g:<{width}}" + "".join(f"{m:8.1f} ±{s:4.1f}" for m, s in row.values()))

@@ -13,14 +13,12 @@ algorithms differ only in `score` / `loss`, i.e. in where the per-token advantag
 import argparse
 import dataclasses
 import json
-import math
 import os
 import random
 import time
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 from transformers import BatchFeature
 

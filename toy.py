@@ -237,7 +237,6 @@ def sft(model, processor, samples, videos, steps, cfg, desc, val=None, stop=None
     val, stop: optional (samples, videos) and a predicate on eval metrics; training ends at the first
     evaluation where stop(metrics) holds. Returns (the last evaluation's metrics or None, steps taken).
     """
-    import eval as ev
     rng = random.Random(cfg.seed)
     items = encode_each(processor, samples, videos)
     # The vision tower gets a higher lr: at init its outputs barely differ between frames, and with the text
