@@ -181,7 +181,8 @@ def check_tokenizers(student_proc, teacher_proc):
 def load_student(args):
     """The trainable student (from the run's checkpoint when resuming) and its processor."""
     path = f"{args.out}/checkpoint" if args.resume else args.student
-    model, processor = ev.load_model(path)
+    # fp32 master weights even on GPU: a bf16 weight cannot take a 1e-6 step (--bf16 autocasts the compute)
+    model, processor = ev.load_model(path, dtype=torch.float32)
     model.train()
     if args.freeze_vision:
         model.model.visual.requires_grad_(False)
