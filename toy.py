@@ -4,8 +4,9 @@
 
 builds (once; later calls reuse it):
   1. synthetic clips, written as real mp4 files and read back through data.load_video like Charades videos:
-     a few coloured shapes, each visible during its own whole-second interval; the query names one
-     ("the red circle") and its interval is the answer. Train/test annotations in data.py's plain JSONL.
+     coloured shapes (one by default, ToyConfig.shapes up to 3), each visible during its own whole-second
+     interval; the query names one ("the red circle") and its interval is the answer. Train/test annotations
+     in data.py's plain JSONL.
   2. an offline byte-level BPE tokenizer with the Qwen3-VL special tokens and chat template (digits one per token);
   3. two tiny Qwen3VLForConditionalGeneration models from Qwen3VLConfig (random init), a smaller student and a
      larger teacher, each saved with save_pretrained beside a real Qwen3VLProcessor, so that
