@@ -66,7 +66,8 @@ class ToyConfig:
 
     @staticmethod
     def reduced():
-        return ToyConfig(n_train=16, n_test=8, student_steps=4, teacher_steps=4, batch=4)
+        # 150 steps: enough for the answer format, so rollouts parse and earn rewards in the tests
+        return ToyConfig(n_train=16, n_test=8, student_steps=150, teacher_steps=150, batch=4)
 
 
 # ----------------------------------------------------------------------------- 1. clips
