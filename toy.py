@@ -131,7 +131,7 @@ def make_clips(out, cfg):
 
 
 def save_strip(sample, path, scale=4):
-    """One clip's sampled frames side by side as a PNG (for the README), with its query and answer in the name."""
+    """One clip's frames, one per second, side by side as a PNG (made docs/miniature_clip.png)."""
     from PIL import Image
     frames, _ = data.load_video(sample.video)
     strip = np.concatenate(list(frames[::2]), 1)  # one frame per second

@@ -107,7 +107,7 @@ def test_expand_keeps_video_features_aligned(student):
 def test_sampling_and_scoring_use_the_same_temperature(student):
     """First-token frequencies of eval.generate at T=3 follow softmax(completion_logits at T=3)."""
     model, processor, samples, batch = student
-    one = opd.expand(BatchFeatureSlice(batch, 0), 1)
+    one = opd.expand(_one_prompt(batch, 0), 1)
     torch.manual_seed(0)
     with torch.no_grad():
         model.lm_head.weight.mul_(20)  # a peaked distribution, so temperatures are told apart
@@ -126,7 +126,7 @@ def test_sampling_and_scoring_use_the_same_temperature(student):
     assert not set(ids.flatten().tolist()) & set(ev.forbidden_ids(processor))
 
 
-def BatchFeatureSlice(batch, i):
+def _one_prompt(batch, i):
     """Prompt i of a batch (its own video patches) as a batch of one."""
     sizes = batch["video_grid_thw"].prod(-1).tolist()
     out = {k: v[i:i + 1] for k, v in batch.items() if k != "pixel_values_videos"}
