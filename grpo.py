@@ -63,9 +63,9 @@ def main():
         ref, _ = ev.load_model(args.student)
         ref.requires_grad_(False)
 
-    def score(seq, ids, mask, samples):
+    def score(seq, ids, mask, ious):
         """The group-normalised IoU of each completion: one advantage per sequence."""
-        rewards = torch.tensor(ev.rollout_ious(processor, ids, mask, samples), device=ids.device)
+        rewards = torch.tensor(ious, device=ids.device)
         out = {"advantages": group_advantages(rewards, args.group_size, args.scale_rewards)}
         if ref is not None:
             out["ref_logp"] = opd.token_logp(opd.completion_logits(ref, seq, ids.shape[1], args.temperature,

@@ -207,7 +207,8 @@ def resolve_miniature(args):
 def train(args, student, processor, score, loss_fn, rollout_model=None, group=1, epochs=1, pool=None):
     """Rollouts -> score -> update, `args.steps` times. Shared by opd.py and grpo.py.
 
-    score(seq, ids, mask, samples) -> dict (no grad; e.g. the teacher's log-probs, or GRPO's advantages)
+    score(seq, ids, mask, ious) -> dict (no grad; e.g. the teacher's log-probs, or GRPO's advantages); ious is
+        each rollout's temporal IoU with its ground truth, decoded once here for the log and for GRPO's reward
     loss_fn(logits, ids, mask, old_logp, scored) -> scalar loss for one micro-batch
     rollout_model: who samples the completions (default: the student, on-policy); group: completions per prompt;
     epochs: update passes over each batch of rollouts (1 for OPD: then old_logp = logp's value, Eq. 6's ratio is 1).
@@ -264,12 +265,12 @@ def train(args, student, processor, score, loss_fn, rollout_model=None, group=1,
                 ids, mask = ev.generate(rollout_model, processor, prompt, args.max_new_tokens, args.temperature)
             timing["generate"] += time.time() - tic
             seq = append_completion(prompt, ids, mask)
-            chunk = [s for s in chunk for _ in range(group)]
+            ious = ev.rollout_ious(processor, ids, mask, [s for s in chunk for _ in range(group)])
             tic = time.time()
             with torch.no_grad(), autocast:  # not inference_mode: scores enter the autograd graph as constants
-                scored = score(seq, ids, mask, chunk)
+                scored = score(seq, ids, mask, ious)
             timing["teacher"] += time.time() - tic
-            rollouts.append((seq, ids, mask, scored, ev.rollout_ious(processor, ids, mask, chunk)))
+            rollouts.append((seq, ids, mask, scored, ious))
         # 2. updates: epochs passes over the rollouts, one optimizer step each
         tic = time.time()
         old_logps = [None] * len(rollouts)
@@ -346,7 +347,7 @@ def main():
     forbidden = ev.forbidden_ids(processor)
     vocab = student.get_output_embeddings().weight.shape[0]
 
-    def score(seq, ids, mask, samples):
+    def score(seq, ids, mask, ious):
         """The teacher's view of the same tokens with the same video tensors."""
         t_logits = completion_logits(teacher, seq, ids.shape[1], args.temperature, forbidden, vocab)
         if args.loss == "fullkl":
