@@ -63,7 +63,7 @@ def main():
         ref, _ = ev.load_model(args.student)
         ref.requires_grad_(False)
 
-    def score(seq, ids, mask, ious):
+    def score(seq, ids, mask, ious, chunk, videos):
         """The group-normalised IoU of each completion: one advantage per sequence."""
         rewards = torch.tensor(ious, device=ids.device)
         out = {"advantages": group_advantages(rewards, args.group_size, args.scale_rewards)}

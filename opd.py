@@ -207,8 +207,10 @@ def resolve_miniature(args):
 def train(args, student, processor, score, loss_fn, rollout_model=None, group=1, epochs=1, pool=None):
     """Rollouts -> score -> update, `args.steps` times. Shared by opd.py and grpo.py.
 
-    score(seq, ids, mask, ious) -> dict (no grad; e.g. the teacher's log-probs, or GRPO's advantages); ious is
-        each rollout's temporal IoU with its ground truth, decoded once here for the log and for GRPO's reward
+    score(seq, ids, mask, ious, chunk, videos) -> dict (no grad; e.g. the teacher's log-probs, or GRPO's
+        advantages). seq: prompt + completion [B*group, L+T]; ids, mask [B*group, T]; ious: each rollout's
+        temporal IoU with its ground truth, decoded once here for the log and for GRPO's reward; chunk, videos:
+        the micro-batch's B samples and decoded videos, for variants that re-encode the prompt (VA-OPD, VISD)
     loss_fn(logits, ids, mask, old_logp, scored) -> scalar loss for one micro-batch
     rollout_model: who samples the completions (default: the student, on-policy); group: completions per prompt;
     epochs: update passes over each batch of rollouts (1 for OPD: then old_logp = logp's value, Eq. 6's ratio is 1).
@@ -261,6 +263,7 @@ def train(args, student, processor, score, loss_fn, rollout_model=None, group=1,
             videos, _ = ev.load_videos(chunk, fps=args.fps, max_frames=args.max_frames)
             prompt = expand(data.encode(processor, chunk, videos), group).to(student.device)
             tic = time.time()
+            torch.manual_seed(args.seed * 1_000_003 + step * 1_009 + i)  # sampling depends on the micro-batch only
             with autocast:
                 ids, mask = ev.generate(rollout_model, processor, prompt, args.max_new_tokens, args.temperature)
             timing["generate"] += time.time() - tic
@@ -268,7 +271,7 @@ def train(args, student, processor, score, loss_fn, rollout_model=None, group=1,
             ious = ev.rollout_ious(processor, ids, mask, [s for s in chunk for _ in range(group)])
             tic = time.time()
             with torch.no_grad(), autocast:  # not inference_mode: scores enter the autograd graph as constants
-                scored = score(seq, ids, mask, ious)
+                scored = score(seq, ids, mask, ious, chunk, videos)
             timing["teacher"] += time.time() - tic
             rollouts.append((seq, ids, mask, scored, ious))
         # 2. updates: epochs passes over the rollouts, one optimizer step each
@@ -347,7 +350,7 @@ def main():
     forbidden = ev.forbidden_ids(processor)
     vocab = student.get_output_embeddings().weight.shape[0]
 
-    def score(seq, ids, mask, ious):
+    def score(seq, ids, mask, ious, chunk, videos):
         """The teacher's view of the same tokens with the same video tensors."""
         t_logits = completion_logits(teacher, seq, ids.shape[1], args.temperature, forbidden, vocab)
         if args.loss == "fullkl":
