@@ -81,9 +81,16 @@ def generate(model, processor, batch, max_new_tokens=32, temperature=None):
     sampling = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature else \
         dict(do_sample=False, temperature=None, top_k=None, top_p=None)
     batch = batch.to(model.device)
+    if hasattr(model, "unshard"):  # FSDP2 (torchrun): generate runs the vision tower outside the model's forward,
+        model.unshard()            # so gather the top-level weights first
     with torch.no_grad():
+        # synced_gpus: under torchrun + FSDP every rank must run the same number of forward passes, so a rank whose
+        # answers are done keeps stepping until all are
         out = model.generate(**batch, max_new_tokens=max_new_tokens, suppress_tokens=forbidden_ids(processor),
-                             pad_token_id=tok.pad_token_id, **sampling)
+                             pad_token_id=tok.pad_token_id, synced_gpus=torch.distributed.is_initialized(),
+                             **sampling)
+    if hasattr(model, "reshard"):
+        model.reshard()
     ids = out[:, batch["input_ids"].shape[1]:]
     mask = completion_mask(ids, eos)
     return ids.masked_fill(mask == 0, tok.pad_token_id), mask

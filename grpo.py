@@ -55,13 +55,14 @@ def grpo_loss(logp, old_logp, advantages, mask, clip_eps=0.2, ref_logp=None, bet
 
 def main():
     args = opd.resolve_miniature(opd.cli(GRPOArgs, MINIATURE))
+    opd.init_distributed()
     torch.manual_seed(args.seed)
     student, processor = opd.load_student(args)
     forbidden = ev.forbidden_ids(processor)
     ref = None
     if args.beta:
-        ref, _ = ev.load_model(args.student)
-        ref.requires_grad_(False)
+        ref, _ = ev.load_model(args.student, device=opd.load_device())
+        ref = opd.shard(ref.requires_grad_(False))
 
     def score(seq, ids, mask, ious, chunk, videos):
         """The group-normalised IoU of each completion: one advantage per sequence."""
@@ -77,8 +78,8 @@ def main():
                          scored.get("ref_logp"), args.beta)
 
     evals = opd.train(args, student, processor, score, loss_fn, group=args.group_size, epochs=args.ppo_epochs)
-    student.save_pretrained(f"{args.out}/final"), processor.save_pretrained(f"{args.out}/final")
-    if evals:
+    opd.save_model(student, processor, f"{args.out}/final")
+    if evals and opd.rank() == 0:
         print(ev.format_table({"student before": evals[0]["eval"], "student after": evals[-1]["eval"]}))
 
 

@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 from transformers import BatchFeature
 
@@ -182,13 +183,13 @@ def load_student(args):
     """The trainable student (from the run's checkpoint when resuming) and its processor."""
     path = f"{args.out}/checkpoint" if args.resume else args.student
     # fp32 master weights even on GPU: a bf16 weight cannot take a 1e-6 step (--bf16 autocasts the compute)
-    model, processor = ev.load_model(path, dtype=torch.float32)
+    model, processor = ev.load_model(path, device=load_device(), dtype=torch.float32)
     model.train()
     if args.freeze_vision:
         model.model.visual.requires_grad_(False)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable()
-    return model, processor
+    return shard(model), processor
 
 
 def resolve_miniature(args):
@@ -201,6 +202,79 @@ def resolve_miniature(args):
         args.data = args.data or paths["train"]
         args.eval_data = getattr(args, "eval_data", None) or paths["test"]
     return args
+
+
+# ----------------------------------------------------------------------------- several processes (torchrun + FSDP2)
+# `torchrun --nproc_per_node N opd.py ...` runs N copies of this script. Each shards the student and the teacher
+# with PyTorch's FSDP2 (`fully_shard`: every rank holds 1/N of each weight and gathers a layer only while running
+# it), takes its own 1/N of each step's prompts, and FSDP averages the gradients. A plain `python opd.py` is rank 0
+# of 1 and none of this runs. On CPU the same path runs with the gloo backend (tests/test_distributed.py).
+def init_distributed():
+    """Join torchrun's process group (NCCL on GPUs, gloo on CPU); a no-op for a single process."""
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+
+
+def rank():
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world():
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def load_device():
+    """Where to load weights: on CPU when sharding (fully_shard moves each rank's shard to its GPU), else the GPU."""
+    return "cpu" if dist.is_initialized() or not torch.cuda.is_available() else "cuda"
+
+
+def shard(model):
+    """FSDP2 units: each transformer block (the classes transformers lists as `_no_split_modules`), then the rest."""
+    if not dist.is_initialized():
+        return model
+    from torch.distributed.fsdp import fully_shard
+    mesh = dist.device_mesh.init_device_mesh("cuda" if torch.cuda.is_available() else "cpu", (world(),))
+    for module in model.modules():
+        if type(module).__name__ in model._no_split_modules:
+            fully_shard(module, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    # FSDP fixes which unit is the root at the first forward. transformers' generate runs the vision tower before
+    # the model's forward, which would make a vision block a root of its own: fix the structure now instead.
+    model._get_fsdp_state()._lazy_init()
+    return model
+
+
+def save_model(model, processor, path):
+    """save_pretrained of the gathered weights, from rank 0: a folder plain transformers loads."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    state = None  # a single process saves its own weights
+    if dist.is_initialized():  # gather the shards (every rank must call this)
+        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if rank() == 0:
+        model.save_pretrained(path, state_dict=state)
+        processor.save_pretrained(path)
+
+
+def optimizer_state(model, opt):
+    """The optimizer's state keyed by parameter name and gathered whole: resumable under any number of ranks."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+    return get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_optimizer_state(model, opt, state):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    set_optimizer_state_dict(model, opt, state, options=StateDictOptions(full_state_dict=dist.is_initialized()))
+
+
+def mean_over_ranks(values):
+    """A list of floats, averaged over ranks (for the log: each rank saw 1/N of the step's rollouts)."""
+    if not dist.is_initialized():
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device="cuda" if torch.cuda.is_available() else "cpu")
+    dist.all_reduce(t)
+    return (t / world()).tolist()
 
 
 # ----------------------------------------------------------------------------- the training loop (OPD and GRPO)
@@ -228,13 +302,15 @@ def train(args, student, processor, score, loss_fn, rollout_model=None, group=1,
     start, wall = 0, 0.0
     if args.resume:
         state = torch.load(f"{args.out}/checkpoint/state.pt", weights_only=False)
-        opt.load_state_dict(state["optimizer"]), sched.load_state_dict(state["scheduler"])
+        load_optimizer_state(student, opt, state["optimizer"]), sched.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["torch_rng"])
         start, wall = state["step"], state["wall"]
     kept = []  # on resume: the log up to the checkpoint (a killed run may have logged steps after it)
     if args.resume and os.path.exists(f"{args.out}/log.jsonl"):
         kept = [r for r in map(json.loads, open(f"{args.out}/log.jsonl")) if r["step"] <= start]
-    log = open(f"{args.out}/log.jsonl", "w")
+    if dist.is_initialized():
+        dist.barrier()  # every rank has read the old log before rank 0 rewrites it
+    log = open(f"{args.out}/log.jsonl" if rank() == 0 else os.devnull, "w")  # rank 0 logs for all
     log.writelines(json.dumps(r) + "\n" for r in kept)
     autocast = torch.autocast(student.device.type, torch.bfloat16, enabled=args.bf16)
 
@@ -251,19 +327,21 @@ def train(args, student, processor, score, loss_fn, rollout_model=None, group=1,
 
     evals = [r for r in kept if "eval" in r] or ([evaluate(start)] if test else [])
     bar = tqdm(range(start, args.steps), desc=os.path.basename(args.out.rstrip("/")), initial=start,
-               total=args.steps)
+               total=args.steps, disable=rank() > 0)
     for step in bar:
         t0, timing = time.time(), dict(generate=0.0, student=0.0, teacher=0.0)
         idx = random.Random(args.seed * 100_003 + step).sample(range(len(samples)), min(args.prompts_per_step,
                                                                                           len(samples)))
+        idx = idx[rank() * len(idx) // world():(rank() + 1) * len(idx) // world()]  # this rank's share
         # 1. rollouts and their scores, micro-batch by micro-batch (no grad)
         rollouts = []
         for i in range(0, len(idx), args.micro_batch):
             chunk = [samples[j] for j in idx[i:i + args.micro_batch]]
+            mb = rank() * len(idx) + i  # the micro-batch's place in the whole step, the same under any world size
             videos, _ = ev.load_videos(chunk, fps=args.fps, max_frames=args.max_frames)
             prompt = expand(data.encode(processor, chunk, videos), group).to(student.device)
             tic = time.time()
-            torch.manual_seed(args.seed * 1_000_003 + step * 1_009 + i)  # sampling depends on the micro-batch only
+            torch.manual_seed(args.seed * 1_000_003 + step * 1_009 + mb)  # sampling depends on the micro-batch only
             with autocast:
                 ids, mask = ev.generate(rollout_model, processor, prompt, args.max_new_tokens, args.temperature)
             timing["generate"] += time.time() - tic
@@ -288,25 +366,27 @@ def train(args, student, processor, score, loss_fn, rollout_model=None, group=1,
                 loss = loss_fn(logits, ids, mask, old_logps[r], scored) / len(rollouts)
                 loss.backward()
                 stats["loss"] += loss.item()
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip).item()
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
+            grad_norm = (grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm).item()
             opt.step(), opt.zero_grad()
         sched.step()
         timing["student"] = time.time() - tic
         # 3. logging: the reverse-KL estimate, the rollouts' IoU (GRPO's reward), throughput, time split
-        masks = torch.cat([m.flatten() for _, _, m, _, _ in rollouts]).float()
-        tokens = masks.sum().item()
+        tokens = sum(m.sum().item() for _, _, m, _, _ in rollouts)
         kl = sum(((old_logps[r] - s["teacher_logp"]) * m).sum().item()  # E[log pi_s - log pi_t] on samples
-                 for r, (_, _, m, s, _) in enumerate(rollouts) if "teacher_logp" in s) / max(tokens, 1)
+                 for r, (_, _, m, s, _) in enumerate(rollouts) if "teacher_logp" in s)
         ious = [x for *_, xs in rollouts for x in xs]
+        loss, kl, tokens, iou = mean_over_ranks([stats["loss"], kl, tokens, sum(ious) / len(ious)])
+        kl, tokens = kl / max(tokens, 1), tokens * world()
         step_time = time.time() - t0
         wall += step_time
-        record = {"step": step + 1, "wall": round(wall, 2), "loss": round(stats["loss"], 5),
-                  "kl": round(kl, 5), "rollout_iou": round(sum(ious) / len(ious), 4), "grad_norm": round(grad_norm, 4),
+        record = {"step": step + 1, "wall": round(wall, 2), "loss": round(loss, 5),
+                  "kl": round(kl, 5), "rollout_iou": round(iou, 4), "grad_norm": round(grad_norm, 4),
                   "lr": sched.get_last_lr()[0], "tokens_per_s": round(tokens / step_time, 1),
                   "time": {k: round(v, 3) for k, v in timing.items()} | {
                       "other": round(step_time - sum(timing.values()), 3)}}
         log.write(json.dumps(record) + "\n"), log.flush()
-        bar.set_postfix(loss=f"{stats['loss']:.3f}", kl=f"{kl:.3f}", iou=f"{record['rollout_iou']:.3f}")
+        bar.set_postfix(loss=f"{loss:.3f}", kl=f"{kl:.3f}", iou=f"{iou:.3f}")
         if test and args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < args.steps:
             evals.append(evaluate(step + 1))
         if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
@@ -318,34 +398,43 @@ def train(args, student, processor, score, loss_fn, rollout_model=None, group=1,
 
 
 def save(args, student, processor, opt, sched, step, wall):
-    """A checkpoint plain transformers can load (student + processor) plus what --resume needs."""
+    """A checkpoint plain transformers can load (student + processor) plus what --resume needs. Every rank calls
+    it (gathering the shards is collective); rank 0 writes."""
     path = f"{args.out}/checkpoint"
-    student.save_pretrained(path)
-    processor.save_pretrained(path)
-    torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "torch_rng": torch.get_rng_state(),
-                "step": step, "wall": wall, "args": dataclasses.asdict(args)}, f"{path}/state.pt")
+    save_model(student, processor, path)
+    state = optimizer_state(student, opt)
+    if rank() == 0:
+        torch.save({"optimizer": state, "scheduler": sched.state_dict(), "torch_rng": torch.get_rng_state(),
+                    "step": step, "wall": wall, "args": dataclasses.asdict(args)}, f"{path}/state.pt")
+    if dist.is_initialized():
+        dist.barrier()  # nobody reads the checkpoint before rank 0 has written it
 
 
 def teacher_metrics(args, teacher, processor):
     """The teacher's greedy test metrics, cached in the run folder (the teacher never changes)."""
     path = f"{args.out}/teacher_eval.json"
-    if os.path.exists(path):
+    cached = os.path.exists(path)
+    if dist.is_initialized():
+        dist.barrier()  # every rank decides before rank 0 writes the file: all of them evaluate, or none
+    if cached:
         with open(path) as f:
             return json.load(f)
     test = data.load_annotations(args.eval_data, args.video_root)
     metrics, _ = ev.evaluate(teacher, processor, test[:args.eval_limit] if args.eval_limit else test,
                              batch_size=args.micro_batch, fps=args.fps, max_frames=args.max_frames, desc="teacher")
-    with open(path, "w") as f:
-        json.dump(metrics, f)
+    if rank() == 0:
+        with open(path, "w") as f:
+            json.dump(metrics, f)
     return metrics
 
 
 def main():
     args = resolve_miniature(cli(Args, MINIATURE))
+    init_distributed()
     torch.manual_seed(args.seed)
     student, processor = load_student(args)
-    teacher, teacher_processor = ev.load_model(args.teacher)
-    teacher.requires_grad_(False)
+    teacher, teacher_processor = ev.load_model(args.teacher, device=load_device())
+    teacher = shard(teacher.requires_grad_(False))  # inference only, sharded like the student
     check_tokenizers(processor, teacher_processor)
     forbidden = ev.forbidden_ids(processor)
     vocab = student.get_output_embeddings().weight.shape[0]
@@ -368,10 +457,11 @@ def main():
     else:
         evals = train(args, student, processor, score, loss_fn,
                       rollout_model=teacher if args.rollouts == "teacher" else None, group=args.rollouts_per_prompt)
-    student.save_pretrained(f"{args.out}/final"), processor.save_pretrained(f"{args.out}/final")
+    save_model(student, processor, f"{args.out}/final")
     if evals:
         rows = {"student before": evals[0]["eval"], "student after": evals[-1]["eval"],
                 "teacher": teacher_metrics(args, teacher, processor)}
+    if evals and rank() == 0:
         print(ev.format_table(rows))
         with open(f"{args.out}/summary.json", "w") as f:
             json.dump(rows, f, indent=1)
