@@ -87,8 +87,8 @@ def visd_advantages(advantages, teacher_logp, old_logp, clip):
     """
     adv = advantages.unsqueeze(1) if advantages.dim() == 1 else advantages
     # nan_to_num: a -inf log-prob on a padded position would give 0 * inf = nan when A_i = 0
-    d = torch.nan_to_num((teacher_logp - old_logp).detach())
-    return adv * torch.exp(torch.sign(adv) * d).clamp(1 - clip, 1 + clip)
+    d = torch.nan_to_num((teacher_logp - old_logp).detach())                    # d_t
+    return adv * torch.exp(torch.sign(adv) * d).clamp(1 - clip, 1 + clip)       # A_i * m_t
 
 
 @torch.no_grad()
@@ -101,13 +101,13 @@ def ema_update(teacher, student, decay):
 
 
 def ema_sync(teacher, student, seen, decay):
-    """One EMA update per optimizer step, from inside `score`; returns the parameter version now seen.
+    """One EMA update per training step, from inside `score`; returns the parameter version now seen.
 
     opd.train has no hook after opt.step(), and score runs once per micro-batch (several times per step), so
     counting calls would tie this to the loop's batching. Instead: every in-place optimizer update bumps a
     parameter's `_version` counter; when their sum differs from the last one seen, the student has stepped
-    since, and the teacher follows once. The first call (seen None) only records it: the teacher starts as
-    the student's copy.
+    since, and the teacher follows once (with --ppo-epochs > 1: once after all the step's passes). The first
+    call (seen None) only records it: the teacher starts as the student's copy.
     """
     version = sum(p._version for p in student.parameters())
     if seen is not None and version != seen:
@@ -129,7 +129,7 @@ def main():
         teacher = copy.deepcopy(student).requires_grad_(False).eval()
 
     def score(seq, ids, mask, ious, chunk, videos):
-        """The group-normalised IoU of each completion: one advantage per sequence."""
+        """The group-normalised IoU of each completion: one advantage per sequence (+ VISD's teacher log-probs)."""
         rewards = torch.tensor(ious, device=ids.device)
         out = {"advantages": group_advantages(rewards, args.group_size, args.scale_rewards)}
         if ref is not None:
