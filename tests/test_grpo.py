@@ -158,8 +158,9 @@ def test_hint_query_writes_the_span(tiny_test):
 
 
 def test_visd_smoke_two_steps(tiny, tmp_path):
-    out = _run("grpo.py", tiny, tmp_path, "--visd", "--steps", "2", "--prompts-per-step", "2", "--micro-batch", "1",
-               "--group-size", "4", "--max-new-tokens", "16", "--temperature", "0.3", "--visd-decay", "0.5")
+    common = ("--steps", "2", "--prompts-per-step", "2", "--micro-batch", "1", "--group-size", "4",
+              "--max-new-tokens", "16", "--temperature", "0.3")
+    out = _run("grpo.py", tiny, tmp_path, "--visd", "--visd-decay", "0.5", *common)
     assert "student after" in out
     log = [json.loads(x) for x in open(tmp_path / "log.jsonl")]
     steps = [r for r in log if "loss" in r]
@@ -168,3 +169,9 @@ def test_visd_smoke_two_steps(tiny, tmp_path):
     assert any(r["kl"] != 0 for r in steps)  # the hinted teacher scores the tokens differently from the student
     a, start = _weights(tmp_path / "final"), _weights(tiny["student"])
     assert any(not torch.equal(a[k], start[k]) for k in a)  # the update moved the weights
+    # plain GRPO from the same seed: the same first rollouts, then only the token weights differ
+    _run("grpo.py", tiny, tmp_path / "grpo", *common)
+    plain = [json.loads(x) for x in open(tmp_path / "grpo" / "log.jsonl") if '"loss"' in x]
+    assert plain[0]["rollout_iou"] == steps[0]["rollout_iou"]
+    g = _weights(tmp_path / "grpo" / "final")
+    assert any(not torch.allclose(a[k], g[k], atol=1e-6) for k in a)  # the teacher's weights changed the update
