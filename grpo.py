@@ -7,11 +7,20 @@ A group of G = 8 completions per prompt; reward = IoU of the first parsed span w
 unparsable or inverted; no format reward); advantage = reward - group mean (Eq. of GRPO, no std scaling by
 default); clipped surrogate; no KL by default. The rollout/scoring machinery and the loop are opd.py's:
 next to opd.py, only `score` (group-normalised IoU instead of the teacher's log-ratio) and the loss differ.
+
+    python grpo.py --visd                            # VISD: GRPO's sign, a privileged EMA teacher's magnitude
+
+`--visd` (structured self-distillation): the direction of each token's update still comes from the GRPO
+advantage A_i, its magnitude from a teacher: an EMA copy of the policy that reads the ground-truth span in its
+prompt (privileged information) and scores the same rollout tokens. See `visd_advantages` for the formula.
 """
+import copy
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 
+import data
 import eval as ev
 import opd
 
@@ -26,6 +35,9 @@ class GRPOArgs(opd.Args):
     ppo_epochs: int = 1             # update passes per batch of rollouts
     scale_rewards: bool = False     # divide advantages by the group's std (Dr. GRPO: don't)
     beta: float = 0.0               # k3 KL to the frozen initial student (0: none, TimeLens)
+    visd: bool = False              # VISD: per-token advantage A_i * clip(teacher ratio), EMA teacher with the answer
+    visd_decay: float = 0.99        # VISD: EMA decay of the teacher, per optimizer step
+    visd_clip: float = 0.5          # VISD: token weights clipped to [1 - c, 1 + c] (0 < c < 1)
 
 
 # The same miniature budget as opd.MINIATURE: steps, rollouts per step (2 prompts x 8 = 16), eval cadence. The lr
@@ -53,6 +65,41 @@ def grpo_loss(logp, old_logp, advantages, mask, clip_eps=0.2, ref_logp=None, bet
     return (per_token * mask).sum() / mask.sum().clamp(min=1)
 
 
+# ----------------------------------------------------------------------------- VISD (--visd)
+def hint_query(sample):
+    """The privileged query: the sentence plus its ground-truth span, written in the answer's own format."""
+    start, end = sample.span
+    return f"{sample.query}. Hint: {data.ANSWER.format(start=start, end=end)}"
+
+
+def visd_advantages(advantages, teacher_logp, old_logp, clip):
+    """VISD's per-token advantages: advantages [B] (GRPO's A_i); teacher_logp, old_logp [B, T] -> [B, T].
+
+    Our interpretation (the paper gives no exact formula):
+        d_t = log pi_teacher(a_t | x, hint) - log pi_old(a_t | x)                 (detached)
+        m_t = clip(exp(sign(A_i) * d_t), 1 - c, 1 + c)
+        A_{i,t} = A_i * m_t
+    The sign is A_i's (m_t > 0): the group's outcome decides the direction, the teacher only redistributes
+    credit within the sequence. For A_i > 0, tokens the answer-aware teacher likes more than the student get
+    up to 1 + c times the credit; for A_i < 0, tokens it likes less get up to 1 + c times the blame. m_t is a
+    probability ratio (pi_teacher / pi_old, or its inverse), clipped like PPO's, so when the teacher agrees with
+    the student (d = 0) it is exactly GRPO.
+    """
+    adv = advantages.unsqueeze(1) if advantages.dim() == 1 else advantages
+    # nan_to_num: a -inf log-prob on a padded position would give 0 * inf = nan when A_i = 0
+    d = torch.nan_to_num((teacher_logp - old_logp).detach())                    # d_t
+    return adv * torch.exp(torch.sign(adv) * d).clamp(1 - clip, 1 + clip)       # A_i * m_t
+
+
+@torch.no_grad()
+def ema_update(teacher, student, decay):
+    """teacher <- decay * teacher + (1 - decay) * student, every parameter; buffers copied."""
+    for t, s in zip(teacher.parameters(), student.parameters()):
+        t.mul_(decay).add_(s.detach(), alpha=1 - decay)
+    for t, s in zip(teacher.buffers(), student.buffers()):
+        t.copy_(s)
+
+
 def main():
     args = opd.resolve_miniature(opd.cli(GRPOArgs, MINIATURE))
     opd.init_distributed()
@@ -63,21 +110,35 @@ def main():
     if args.beta:
         ref, _ = ev.load_model(args.student, device=opd.load_device())
         ref = opd.shard(ref.requires_grad_(False))
+    teacher = None
+    if args.visd:  # VISD's teacher: the policy itself at start, then its EMA (not checkpointed: --resume restarts it)
+        teacher = copy.deepcopy(student).requires_grad_(False).eval()
 
     def score(seq, ids, mask, ious, chunk, videos):
-        """The group-normalised IoU of each completion: one advantage per sequence."""
+        """The group-normalised IoU of each completion: one advantage per sequence (+ VISD's teacher log-probs)."""
         rewards = torch.tensor(ious, device=ids.device)
         out = {"advantages": group_advantages(rewards, args.group_size, args.scale_rewards)}
         if ref is not None:
             out["ref_logp"] = opd.token_logp(opd.completion_logits(ref, seq, ids.shape[1], args.temperature,
                                                                    forbidden), ids)
+        if teacher is not None:  # VISD: the EMA teacher reads the answer, then scores the same rollout tokens
+            hinted = [dataclasses.replace(s, query=hint_query(s)) for s in chunk]
+            prompt = opd.expand(data.encode(processor, hinted, videos), args.group_size).to(ids.device)
+            t_seq = opd.append_completion(prompt, ids, mask)
+            out["teacher_logp"] = opd.token_logp(opd.completion_logits(teacher, t_seq, ids.shape[1],
+                                                                       args.temperature, forbidden), ids)
         return out
 
     def loss_fn(logits, ids, mask, old_logp, scored):
-        return grpo_loss(opd.token_logp(logits, ids), old_logp, scored["advantages"], mask, args.clip_eps,
+        adv = scored["advantages"]
+        if "teacher_logp" in scored:  # VISD: GRPO's sign, the teacher's per-token magnitude
+            adv = visd_advantages(adv, scored["teacher_logp"], old_logp, args.visd_clip)
+        return grpo_loss(opd.token_logp(logits, ids), old_logp, adv, mask, args.clip_eps,
                          scored.get("ref_logp"), args.beta)
 
-    evals = opd.train(args, student, processor, score, loss_fn, group=args.group_size, epochs=args.ppo_epochs)
+    ema = (lambda: ema_update(teacher, student, args.visd_decay)) if teacher is not None else None
+    evals = opd.train(args, student, processor, score, loss_fn, group=args.group_size, epochs=args.ppo_epochs,
+                      after_step=ema)
     opd.save_model(student, processor, f"{args.out}/final")
     if evals and opd.rank() == 0:
         print(ev.format_table({"student before": evals[0]["eval"], "student after": evals[-1]["eval"]}))

@@ -278,7 +278,8 @@ def mean_over_ranks(values):
 
 
 # ----------------------------------------------------------------------------- the training loop (OPD and GRPO)
-def train(args, student, processor, score, loss_fn, rollout_model=None, group=1, epochs=1, pool=None):
+def train(args, student, processor, score, loss_fn, rollout_model=None, group=1, epochs=1, pool=None,
+          after_step=None):
     """Rollouts -> score -> update, `args.steps` times. Shared by opd.py and grpo.py.
 
     score(seq, ids, mask, ious, chunk, videos) -> dict (no grad; e.g. the teacher's log-probs, or GRPO's
@@ -287,7 +288,8 @@ def train(args, student, processor, score, loss_fn, rollout_model=None, group=1,
         the micro-batch's B samples and decoded videos, for variants that re-encode the prompt (VA-OPD, VISD)
     loss_fn(logits, ids, mask, old_logp, scored) -> scalar loss for one micro-batch
     rollout_model: who samples the completions (default: the student, on-policy); group: completions per prompt;
-    epochs: update passes over each batch of rollouts (1 for OPD: then old_logp = logp's value, Eq. 6's ratio is 1).
+    epochs: update passes over each batch of rollouts (1 for OPD: then old_logp = logp's value, Eq. 6's ratio is 1);
+    after_step(): called after each step's updates (VISD's EMA teacher follows the student there).
     Returns the list of evaluation records.
     """
     rollout_model = rollout_model or student
@@ -370,6 +372,8 @@ def train(args, student, processor, score, loss_fn, rollout_model=None, group=1,
             grad_norm = (grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm).item()
             opt.step(), opt.zero_grad()
         sched.step()
+        if after_step:
+            after_step()
         timing["student"] = time.time() - tic
         # 3. logging: the reverse-KL estimate, the rollouts' IoU (GRPO's reward), throughput, time split
         tokens = sum(m.sum().item() for _, _, m, _, _ in rollouts)

@@ -84,3 +84,85 @@ def test_smoke_two_steps_and_resume(tiny, tmp_path):
     assert any(not torch.equal(a[k], start[k]) for k in a)  # the update moved the weights
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-6), k
+
+
+# ----------------------------------------------------------------------------- VISD (--visd)
+def test_visd_advantages_on_crafted_tensors():
+    adv = torch.tensor([0.5, -0.5, 0.0])
+    old = torch.zeros(3, 4)
+    # teacher - student log-ratios d_t: 0 (agree), log 1.2 (inside the clip), +-2 (outside it)
+    d = torch.log(torch.tensor([1.0, 1.2, 1 / 1.2, 1.0]))
+    teacher = torch.stack([d, d, d])
+    teacher[:, 3] = 2.0
+    teacher[2, 0] = float("-inf")  # a padded position the teacher finds impossible: must not give nan at A = 0
+    out = grpo.visd_advantages(adv, teacher, old, clip=0.5)
+    assert out.shape == (3, 4)
+    # A > 0: weight exp(d) -> 1, 1.2, 1/1.2, clip(e^2) = 1.5
+    assert torch.allclose(out[0], 0.5 * torch.tensor([1.0, 1.2, 1 / 1.2, 1.5]))
+    # A < 0: weight exp(-d) -> 1, 1/1.2, 1.2, clip(e^-2) = 0.5: more blame where the teacher likes the token less
+    assert torch.allclose(out[1], -0.5 * torch.tensor([1.0, 1 / 1.2, 1.2, 0.5]))
+    assert (out[2] == 0).all()  # zero advantage -> zero everywhere
+    # the sign always follows A_i, the magnitude stays inside [1 - c, 1 + c] |A_i|
+    torch.manual_seed(0)
+    adv, teacher, old = torch.randn(64), torch.randn(64, 8) * 3, torch.randn(64, 8) * 3
+    out = grpo.visd_advantages(adv, teacher, old, clip=0.3)
+    assert (torch.sign(out) == torch.sign(adv).unsqueeze(1)).all()
+    ratio = out / adv.unsqueeze(1)
+    assert ratio.min() >= 0.7 - 1e-6 and ratio.max() <= 1.3 + 1e-6
+    assert ratio.min() < 0.71 and ratio.max() > 1.29  # the crafted spread reaches both clip bounds
+
+
+def test_visd_advantages_are_constants_and_reduce_to_grpo_when_teacher_agrees():
+    logp = torch.log(torch.tensor([[0.2, 0.5, 0.4]])).requires_grad_()
+    teacher = torch.log(torch.tensor([[0.4, 0.5, 0.1]]))
+    mask = torch.ones(1, 3)
+    same = grpo.visd_advantages(torch.tensor([0.7]), logp, logp, clip=0.5)
+    assert torch.allclose(same, torch.full((1, 3), 0.7))
+    tok = grpo.visd_advantages(torch.tensor([1.0]), teacher, logp, clip=0.5)  # weights 2 -> 1.5, 1, 0.25 -> 0.5
+    assert torch.allclose(tok, torch.tensor([[1.5, 1.0, 0.5]]))
+    grpo.grpo_loss(logp, logp.detach(), tok, mask).backward()
+    # ratio 1, no clipping: d loss / d logp_t = -A_{i,t} / (number of tokens); no gradient through the weights
+    assert torch.allclose(logp.grad, -torch.tensor([[1.5, 1.0, 0.5]]) / 3)
+
+
+def test_ema_update_is_exact():
+    torch.manual_seed(0)
+    student = torch.nn.Linear(3, 2)
+    teacher = grpo.copy.deepcopy(student).requires_grad_(False)
+    with torch.no_grad():
+        teacher.weight.fill_(0.5), teacher.bias.fill_(-1.0)
+    t0 = {k: v.clone() for k, v in teacher.state_dict().items()}
+    grpo.ema_update(teacher, student, 0.75)
+    s = student.state_dict()
+    for k in t0:
+        assert torch.allclose(teacher.state_dict()[k], 0.75 * t0[k] + 0.25 * s[k], atol=1e-7, rtol=0), k
+        assert not torch.equal(teacher.state_dict()[k], t0[k])
+
+
+def test_hint_query_writes_the_span(tiny_test):
+    samples, _ = tiny_test
+    s = samples[0]
+    hinted = grpo.hint_query(s)
+    assert s.query in hinted
+    assert f"{s.span[0]:.1f} - {s.span[1]:.1f}" in hinted
+    assert data.parse_span(hinted) == pytest.approx(tuple(round(x, 1) for x in s.span))
+
+
+def test_visd_smoke_two_steps(tiny, tmp_path):
+    common = ("--steps", "2", "--prompts-per-step", "2", "--micro-batch", "1", "--group-size", "4",
+              "--max-new-tokens", "16", "--temperature", "0.3")
+    out = _run("grpo.py", tiny, tmp_path, "--visd", "--visd-decay", "0.5", *common)
+    assert "student after" in out
+    log = [json.loads(x) for x in open(tmp_path / "log.jsonl")]
+    steps = [r for r in log if "loss" in r]
+    assert [r["step"] for r in steps] == [1, 2]
+    assert all(r["time"]["teacher"] > 0 for r in steps)  # the privileged teacher forward ran
+    assert any(r["kl"] != 0 for r in steps)  # the hinted teacher scores the tokens differently from the student
+    a, start = _weights(tmp_path / "final"), _weights(tiny["student"])
+    assert any(not torch.equal(a[k], start[k]) for k in a)  # the update moved the weights
+    # plain GRPO from the same seed: the same first rollouts, then only the token weights differ
+    _run("grpo.py", tiny, tmp_path / "grpo", *common)
+    plain = [json.loads(x) for x in open(tmp_path / "grpo" / "log.jsonl") if '"loss"' in x]
+    assert plain[0]["rollout_iou"] == steps[0]["rollout_iou"]
+    g = _weights(tmp_path / "grpo" / "final")
+    assert any(not torch.allclose(a[k], g[k], atol=1e-6) for k in a)  # the teacher's weights changed the update
