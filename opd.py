@@ -7,6 +7,9 @@ Per step: the student samples one completion per (video, query) prompt; the teac
 with the *same video tensors*; the per-token reward is the teacher-student log-ratio (Eq. 5) and the loss is the
 policy gradient of the reverse KL(student || teacher) (Eq. 6): no clipping, no reference KL, no discount.
 
+`--va` (VA-OPD): the teacher also scores the rollout with a degraded video; the tokens and rollouts whose
+teacher log-prob drops most without the video's detail (visual advantage) weigh more in the full-vocabulary KL.
+
 This file also holds the rollout and scoring machinery and the training loop that grpo.py reuses: the two
 algorithms differ only in `score` / `loss`, i.e. in where the per-token advantage comes from.
 """
@@ -63,6 +66,9 @@ class Args:
     tvdf_tau: float = 0.5           # TRPV: drop samples whose teacher IoU is below this (see tvdf.py)
     tvdf_strategy: str = "topk"     # DBTP variant: topk | dsus | bbds | gwds
     tvdf_pool: int = 0              # candidate pool: the first N training samples (0: all)
+    va: bool = False                # VA-OPD: weight rollouts and tokens by the teacher's visual advantage
+    va_top: float = 0.2             # VA-OPD: share of each rollout's tokens in the high-VA group
+    va_scale: float = 0.1           # VA-OPD: the degraded video's frames are downsampled to this fraction per side
 
 
 # The miniature's own settings, used when no --student/--teacher/--data is given. Tiny random-init models
@@ -152,20 +158,89 @@ def opd_loss(logp, old_logp, teacher_logp, mask):
     return -(ratio * reward * mask).sum(1).mean()                                # Eq. 6
 
 
-def fullkl_loss(logits, teacher_logits, mask, chunk=16):
-    """Exact per-token reverse KL over the vocabulary: sum_v p_s log(p_s / p_t), summed over tokens, averaged
-    over sequences (the same normalisation as opd_loss). logits, teacher_logits [B, T, V] (already / temperature,
-    forbidden tokens -inf in both); mask [B, T]. Computed `chunk` positions at a time so [B, T, V] in fp32
-    never exists at once.
+def token_kl(logits, teacher_logits, chunk=16):
+    """Exact reverse KL over the vocabulary at each position: sum_v p_s log(p_s / p_t) -> [B, T] in fp32.
+    logits, teacher_logits [B, T, V] (already / temperature, forbidden tokens -inf in both). Computed `chunk`
+    positions at a time so [B, T, V] in fp32 never exists at once.
     """
-    total = logits.new_zeros((), dtype=torch.float32)
+    out = []
     for t in range(0, logits.shape[1], chunk):
         s = torch.log_softmax(logits[:, t:t + chunk].float(), -1)
         q = torch.log_softmax(teacher_logits[:, t:t + chunk].float(), -1)
         # forbidden tokens are -inf in both: zero their terms before the product, or the backward pass is NaN
-        kl = (s.exp() * (s - q).masked_fill(torch.isinf(s), 0.0)).sum(-1)
-        total = total + (kl * mask[:, t:t + chunk]).sum()
-    return total / logits.shape[0]
+        out.append((s.exp() * (s - q).masked_fill(torch.isinf(s), 0.0)).sum(-1))
+    return torch.cat(out, 1)
+
+
+def fullkl_loss(logits, teacher_logits, mask, chunk=16):
+    """Exact per-token reverse KL over the vocabulary (token_kl), summed over tokens, averaged over sequences
+    (the same normalisation as opd_loss). logits, teacher_logits [B, T, V]; mask [B, T].
+    """
+    return (token_kl(logits, teacher_logits, chunk) * mask).sum() / logits.shape[0]
+
+
+# ----------------------------------------------------------------------------- VA-OPD (opd.py --va)
+def degrade(frames, scale=0.1):
+    """The teacher's low-information view of a video: frames uint8 [N, H, W, 3] -> uint8 [N, H, W, 3].
+
+    Each frame is bilinearly downsampled to round(scale * H) x round(scale * W) (at least 1 x 1; plain bilinear,
+    no anti-aliasing, like cv2.INTER_LINEAR) and nearest-neighbour upsampled back, so the processor makes the
+    same patches and the prompt keeps the same token layout; only the detail is gone.
+    """
+    x = torch.as_tensor(frames).permute(0, 3, 1, 2).float()
+    h, w = x.shape[-2:]
+    small = torch.nn.functional.interpolate(x, size=(max(1, round(h * scale)), max(1, round(w * scale))),
+                                            mode="bilinear", align_corners=False)
+    big = torch.nn.functional.interpolate(small, size=(h, w), mode="nearest-exact")
+    return big.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
+
+
+def visual_advantage(clean_logp, degraded_logp, mask):
+    """a_t = max(log pi_T(a_t | clean video) - log pi_T(a_t | degraded video), 0), detached; 0 off the mask.
+    All [B, T]: how much the teacher's confidence in the sampled token rests on seeing the video's detail."""
+    return ((clean_logp - degraded_logp).clamp(min=0) * mask).detach()
+
+
+def va_weights(va, mask, group):
+    """Rollout weights: va, mask [B*K, T] (prompt i's K rollouts at rows i*K..i*K+K-1) -> w [B*K].
+
+    Each rollout's mean VA over its real tokens, z-scored within its group (population std + 1e-6), softmax over
+    the group at temperature 1: the K weights of a prompt sum to 1 (uniform when the means are equal, or K = 1).
+    """
+    mean = ((va * mask).sum(1) / mask.sum(1).clamp(min=1)).view(-1, group)
+    z = (mean - mean.mean(1, keepdim=True)) / (mean.std(1, unbiased=False, keepdim=True) + 1e-6)
+    return torch.softmax(z, 1).flatten()
+
+
+def va_split(va, mask, top=0.2):
+    """The high-VA token group: va, mask [B, T] -> bool [B, T], each row's top ceil(top * T_b) real tokens by VA,
+    T_b = that row's number of real tokens (ties: the earlier token). The low group is the row's other tokens."""
+    real = mask.bool()
+    # - 1e-6: float error must not make ceil(0.2 * 5) 2
+    n_high = torch.ceil(top * real.sum(1).double() - 1e-6).long()
+    rank = va.masked_fill(~real, float("-inf")).argsort(dim=1, descending=True, stable=True).argsort(dim=1)
+    return (rank < n_high.unsqueeze(1)) & real
+
+
+def va_opd_loss(logits, teacher_logits, va, mask, group, top=0.2, chunk=16):
+    """VA-OPD's loss. logits, teacher_logits [B*K, T, V] (the clean-video teacher; / temperature, forbidden -inf);
+    va, mask [B*K, T]; K = group rollouts per prompt, contiguous.
+
+    L_prompt = sum_k w_k [0.5 mean_{t in high_k} KL_t + 0.5 mean_{t in low_k} KL_t], KL_t = token_kl,
+    w = va_weights, high_k = va_split (top ceil(top * T_k) tokens by VA), low_k = the rest of rollout k's tokens.
+    Normalisation: means over each token group (an empty group contributes 0, e.g. the low group of a
+    one-token rollout), a weighted sum over the group's rollouts, then the mean over the B prompts; unlike
+    fullkl_loss, which sums over tokens.
+    Paper setting: 4 rollouts per prompt, T 0.7, top_p 0.95. top_p is not applied: eval.generate samples purely
+    (top_p 1) because every score here must be of the distribution that sampled.
+    """
+    kl = token_kl(logits, teacher_logits, chunk)
+    high = va_split(va, mask, top).float()
+    low = mask.float() - high
+    mean_high = (kl * high).sum(1) / high.sum(1).clamp(min=1)
+    mean_low = (kl * low).sum(1) / low.sum(1).clamp(min=1)
+    per_rollout = 0.5 * mean_high + 0.5 * mean_low
+    return (va_weights(va, mask, group) * per_rollout).sum() / (kl.shape[0] // group)
 
 
 # ----------------------------------------------------------------------------- loading and checks
@@ -444,13 +519,27 @@ def main():
     vocab = student.get_output_embeddings().weight.shape[0]
 
     def score(seq, ids, mask, ious, chunk, videos):
-        """The teacher's view of the same tokens with the same video tensors."""
+        """The teacher's view of the same tokens with the same video tensors (and, for VA-OPD, a degraded video)."""
         t_logits = completion_logits(teacher, seq, ids.shape[1], args.temperature, forbidden, vocab)
+        t_logp = token_logp(t_logits, ids)
+        if args.va:
+            group = ids.shape[0] // len(chunk)  # from the shapes: tvdf.curriculum trains with one rollout per prompt
+            degraded = [(degrade(frames, args.va_scale), meta) for frames, meta in videos]
+            prompt = expand(data.encode(processor, chunk, degraded), group).to(ids.device)
+            d_seq = append_completion(prompt, ids, mask)
+            if not torch.equal(d_seq["input_ids"], seq["input_ids"]):
+                raise ValueError("the degraded video changed the prompt's token layout")
+            d_logits = completion_logits(teacher, d_seq, ids.shape[1], args.temperature, forbidden, vocab)
+            return {"teacher_logits": t_logits, "teacher_logp": t_logp, "group": group,
+                    "va": visual_advantage(t_logp, token_logp(d_logits, ids), mask)}
         if args.loss == "fullkl":
-            return {"teacher_logits": t_logits, "teacher_logp": token_logp(t_logits, ids)}
-        return {"teacher_logp": token_logp(t_logits, ids)}
+            return {"teacher_logits": t_logits, "teacher_logp": t_logp}
+        return {"teacher_logp": t_logp}
 
     def loss_fn(logits, ids, mask, old_logp, scored):
+        if args.va:
+            return va_opd_loss(logits, scored["teacher_logits"], scored["va"], mask, scored["group"], args.va_top,
+                               args.kl_chunk)
         if args.loss == "fullkl":
             return fullkl_loss(logits, scored["teacher_logits"], mask, args.kl_chunk)
         return opd_loss(token_logp(logits, ids), old_logp, scored["teacher_logp"], mask)
