@@ -69,9 +69,9 @@ def perturb_order(n, r, kind, rng):
     drop: keep max(1, n // r) random frames; each dropped position shows the last kept frame before it.
     shuffle / reverse: consecutive groups of g = max(1, n // r) frames, groups permuted / in reverse order.
     """
-    g = max(1, n // r)  # r larger than the clip: one frame per group
+    g = max(1, n // r)  # TEMPLE's group size n // r, clamped: r larger than the clip gives one frame per group
     if kind == "drop":
-        kept = np.sort(rng.choice(n, size=max(1, n // r), replace=False))
+        kept = np.sort(rng.choice(n, size=max(1, n // r), replace=False))  # TEMPLE: keep max(1, n // r) units
         before = np.searchsorted(kept, np.arange(n), side="right") - 1  # last kept position <= i, -1 if none
         return kept[np.maximum(before, 0)]
     groups = [np.arange(i, min(i + g, n)) for i in range(0, n, g)]
@@ -101,8 +101,8 @@ def dpo_loss(logp_c, logp_r, ref_c, ref_r, beta=0.1, keep=None):
     (default all); 0 (with a graph) when no pair is kept.
     """
     keep = torch.ones_like(logp_c, dtype=torch.bool) if keep is None else keep
-    margin = (logp_c - ref_c.detach()) - (logp_r - ref_r.detach())
-    losses = -F.logsigmoid(beta * margin)
+    margin = (logp_c - ref_c.detach()) - (logp_r - ref_r.detach())  # DPO (Rafailov et al. 2023), Eq. 7
+    losses = -F.logsigmoid(beta * margin)                             # Eq. 7
     return (losses * keep).sum() / keep.sum().clamp(min=1)
 
 
