@@ -135,12 +135,12 @@ def test_drop_keeps_n_over_r_frames_and_the_count(r, kept):
 
 def test_mix_uses_all_three_kinds():
     rng = np.random.default_rng(3)
-    seen = set()
+    reversed_groups = [12, 13, 14, 15, 8, 9, 10, 11, 4, 5, 6, 7, 0, 1, 2, 3]  # reverse at r 4 (a shuffle rarely)
+    seen = []
     for _ in range(60):
         src = _sources(dpo.perturb(_frames(), 4, "mix", rng))
-        seen.add("drop" if len(set(src)) < 16 else "reverse" if src[:4] == [12, 13, 14, 15] and src[4:8] == [8, 9, 10, 11]
-                 else "shuffle")
-    assert seen == {"drop", "shuffle", "reverse"}
+        seen.append("drop" if len(set(src)) < 16 else "reverse" if src == reversed_groups else "shuffle")
+    assert all(seen.count(kind) >= 10 for kind in ("drop", "shuffle", "reverse")), seen  # ~20 each
     with pytest.raises(ValueError, match="unknown perturbation"):
         dpo.perturb(_frames(), 4, "blur", rng)
 
