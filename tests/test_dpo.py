@@ -74,6 +74,20 @@ def test_identical_answers_are_detected():
     assert dpo.same_answer(ids_a, mask_a, ids_b, mask_b).tolist() == [True, False, False]
 
 
+def test_prompt_of_undoes_append_completion():
+    """The rejected answer is scored under the clean prompt: prompt_of must give back exactly that prompt."""
+    prompt = dpo.opd.BatchFeature({"input_ids": torch.tensor([[0, 3, 4], [5, 6, 7]]),
+                                   "attention_mask": torch.tensor([[0, 1, 1], [1, 1, 1]]),
+                                   "mm_token_type_ids": torch.tensor([[0, 2, 0], [2, 2, 0]]),
+                                   "pixel_values_videos": torch.randn(6, 4),
+                                   "video_grid_thw": torch.tensor([[1, 1, 3]] * 2)})
+    seq = dpo.opd.append_completion(prompt, torch.tensor([[8, 9], [8, 0]]), torch.tensor([[1, 1], [1, 0]]))
+    back = dpo.prompt_of(seq, 2)
+    assert set(back) == set(prompt)
+    for k in prompt:
+        assert torch.equal(back[k], prompt[k]), k
+
+
 # ----------------------------------------------------------------------------- perturbations
 def _frames(n=16):
     """n frames [n, 2, 2, 3] whose pixels all hold the frame's index: the output tells which frame went where."""
