@@ -11,6 +11,7 @@ DPO's -log sigmoid(beta * ((logp_c - ref_c) - (logp_r - ref_r))) with beta 0.1. 
 stages r = 16, 8, 4, 2: from strongly corrupted videos (easy pairs, the rejected answer is far off) to mildly
 corrupted ones (hard pairs). No teacher and no ground truth: the preference comes from the video alone.
 Next to opd.py only `score` (a second, perturbed rollout and the reference's log-probs) and the loss differ.
+One process only: no --resume (the stages are separate opd.train runs) and no torchrun path yet.
 
 What the papers say, and what is interpretation here:
 - The issue names Li et al. 2025, "Temporal Preference Optimization for Long-Form Video Understanding" (TPO,
