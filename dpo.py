@@ -11,7 +11,7 @@ DPO's -log sigmoid(beta * ((logp_c - ref_c) - (logp_r - ref_r))) with beta 0.1. 
 stages r = 16, 8, 4, 2: from strongly corrupted videos (easy pairs, the rejected answer is far off) to mildly
 corrupted ones (hard pairs). No teacher and no ground truth: the preference comes from the video alone.
 Next to opd.py only `score` (a second, perturbed rollout and the reference's log-probs) and the loss differ.
-One process only: no --resume (the stages are separate opd.train runs) and no torchrun path yet.
+No --resume (the stages are separate opd.train runs).
 
 What the papers say, and what is interpretation here:
 - The issue names Li et al. 2025, "Temporal Preference Optimization for Long-Form Video Understanding" (TPO,
@@ -33,9 +33,7 @@ What the papers say, and what is interpretation here:
   pairs whose two answers are identical are masked out (they carry no gradient) and counted, and each stage of
   the curriculum is one opd.train call with a fresh optimizer (like tvdf.curriculum).
 """
-import dataclasses
 import json
-import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -129,68 +127,25 @@ def prompt_of(seq, T):
     return opd.BatchFeature(out)
 
 
-# ----------------------------------------------------------------------------- the curriculum
-def stage_steps(steps, n_stages):
-    """Steps per curriculum stage: an even split, the remainder to the last stage."""
-    base = steps // n_stages
-    return [base] * (n_stages - 1) + [steps - base * (n_stages - 1)]
-
-
-def curriculum(args, train_stage):
-    """Run train_stage(stage_args, r) -> (eval records, per-micro-batch pair stats) once per strength r, each in
-    OUT/rR/, and join the stages' logs into OUT/log.jsonl with steps and wall time running on (each step record
-    gains its stage's r and its pair counts). Returns the evaluation records like opd.train."""
-    strengths = [int(x) for x in args.strengths.split(",")]
-    os.makedirs(args.out, exist_ok=True)
-    log = open(f"{args.out}/log.jsonl", "w")
-    evals, offset = [], (0, 0.0)
-    for r, steps in zip(strengths, stage_steps(args.steps, len(strengths))):
-        if steps == 0:
-            print(f"stage r={r}: no steps left for it (--steps {args.steps} < {len(strengths)} stages)")
-            continue
-        first = offset[0] == 0  # the first stage that runs keeps its "before" evaluation
-        stage_args = dataclasses.replace(args, out=f"{args.out}/r{r}", steps=steps, resume=False)
-        records, stats = train_stage(stage_args, r)
-        per_step = len(stats) // steps  # score calls (micro-batches) per step
-        stage_log = [json.loads(line) for line in open(f"{stage_args.out}/log.jsonl")]
-        stage_wall = stage_log[-1]["wall"]  # training time of the stage (evaluation excluded)
-        for rec in stage_log:
-            if not first and rec["step"] == 0:
-                continue  # the next stage's "before" is the previous stage's "after"
-            if "loss" in rec:
-                mine = stats[(rec["step"] - 1) * per_step:rec["step"] * per_step]
-                rec.pop("kl")  # no teacher here: opd.train's reverse-KL field is always 0
-                rec |= {key: sum(s[key] for s in mine) for key in ("pairs", "identical", "rejected_worse")}
-                rec["rejected_iou"] = round(sum(s["rejected_iou"] for s in mine) / rec["pairs"], 4)
-            rec |= {"step": rec["step"] + offset[0], "wall": round(rec["wall"] + offset[1], 2), "r": r}
-            log.write(json.dumps(rec) + "\n")
-        evals += [e | {"step": e["step"] + offset[0]} for e in records if first or e["step"]]
-        offset = (offset[0] + steps, offset[1] + stage_wall)
-        pairs = sum(s["pairs"] for s in stats)
-        print(f"stage r={r}: {pairs} pairs, {sum(s['identical'] for s in stats)} identical (masked), rejected "
-              f"IoU {sum(s['rejected_iou'] for s in stats) / pairs:.3f}, rejected worse than chosen in "
-              f"{sum(s['rejected_worse'] for s in stats)}")
-    log.close()
-    return evals
-
-
 def main():
     args = opd.resolve_miniature(opd.cli(DPOArgs, MINIATURE))
     if args.resume:
         raise SystemExit("dpo.py runs its curriculum as separate opd.train stages: --resume is not supported")
     if args.perturbation not in KINDS + ("mix",):
         raise SystemExit(f"--perturbation must be one of {KINDS + ('mix',)}")
+    opd.init_distributed()
     torch.manual_seed(args.seed)
     student, processor = opd.load_student(args)
-    ref, _ = ev.load_model(args.student)  # the frozen initial student: DPO's reference policy
-    ref.requires_grad_(False)
+    ref, _ = ev.load_model(args.student, device=opd.load_device())  # the frozen initial student: DPO's reference
+    ref = opd.shard(ref.requires_grad_(False))
     forbidden = ev.forbidden_ids(processor)
     autocast = torch.autocast(student.device.type, torch.bfloat16, enabled=args.bf16)
 
-    def make_score(r, stats):
+    def make_score(r):
         def score(seq, ids, mask, ious, chunk, videos):
             """The rejected answer (student on the perturbed video) and both answers' reference log-probs, all
-            scored under the clean prompt. Appends this micro-batch's pair counts to `stats`."""
+            scored under the clean prompt; for the log, the pairs' fraction identical (masked), the rejected
+            answers' IoU, and how often the rejected answer is the worse one."""
             # perturbation draws follow train's per-micro-batch torch seed, like the sampling does
             rng = np.random.default_rng(torch.randint(2 ** 31, ()).item())
             bad = [(perturb(frames, r, args.perturbation, rng), meta) for frames, meta in videos]
@@ -203,10 +158,10 @@ def main():
                                   r_ids, r_mask)
             same = same_answer(ids, mask, r_ids, r_mask)
             r_ious = ev.rollout_ious(processor, r_ids, r_mask, chunk)
-            stats.append({"pairs": len(chunk), "identical": int(same.sum()), "rejected_iou": sum(r_ious),
-                          "rejected_worse": sum(b < a for a, b in zip(ious, r_ious))})
+            stats = {"identical": same.float().mean().item(), "rejected_iou": sum(r_ious) / len(r_ious),  # the log
+                     "rejected_worse": sum(b < a for a, b in zip(ious, r_ious)) / len(r_ious)}
             return {"rejected_seq": r_seq, "rejected_ids": r_ids, "rejected_mask": r_mask, "ref_c": ref_c,
-                    "ref_r": ref_r, "keep": ~same}
+                    "ref_r": ref_r, "keep": ~same, "stats": stats}
         return score
 
     def loss_fn(logits, ids, mask, old_logp, scored):
@@ -218,13 +173,11 @@ def main():
         return dpo_loss(sequence_logp(logits, ids, mask), sequence_logp(r_logits, r_ids, scored["rejected_mask"]),
                         scored["ref_c"], scored["ref_r"], args.beta, scored["keep"])
 
-    def train_stage(stage_args, r):
-        stats = []
-        return opd.train(stage_args, student, processor, make_score(r, stats), loss_fn), stats
-
-    evals = curriculum(args, train_stage)
-    student.save_pretrained(f"{args.out}/final"), processor.save_pretrained(f"{args.out}/final")
-    if evals:
+    strengths = [int(x) for x in args.strengths.split(",")]  # the curriculum: one stage per r, easy first
+    evals = opd.train_in_stages(args, [f"r{r}" for r in strengths], lambda i, stage_args: opd.train(
+        stage_args, student, processor, make_score(strengths[i]), loss_fn))
+    opd.save_model(student, processor, f"{args.out}/final")
+    if evals and opd.rank() == 0:
         rows = {"student before": evals[0]["eval"], "student after": evals[-1]["eval"]}
         print(ev.format_table(rows))
         with open(f"{args.out}/summary.json", "w") as f:

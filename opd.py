@@ -360,7 +360,8 @@ def train(args, student, processor, score, loss_fn, rollout_model=None, group=1,
     score(seq, ids, mask, ious, chunk, videos) -> dict (no grad; e.g. the teacher's log-probs, or GRPO's
         advantages). seq: prompt + completion [B*group, L+T]; ids, mask [B*group, T]; ious: each rollout's
         temporal IoU with its ground truth, decoded once here for the log and for GRPO's reward; chunk, videos:
-        the micro-batch's B samples and decoded videos, for variants that re-encode the prompt (VA-OPD, VISD)
+        the micro-batch's B samples and decoded videos, for variants that re-encode the prompt (VA-OPD, VISD).
+        An optional "stats" entry {name: float} is averaged over the step's micro-batches into the log.
     loss_fn(logits, ids, mask, old_logp, scored) -> scalar loss for one micro-batch
     rollout_model: who samples the completions (default: the student, on-policy); group: completions per prompt;
     epochs: update passes over each batch of rollouts (1 for OPD: then old_logp = logp's value, Eq. 6's ratio is 1);
@@ -455,7 +456,10 @@ def train(args, student, processor, score, loss_fn, rollout_model=None, group=1,
         kl = sum(((old_logps[r] - s["teacher_logp"]) * m).sum().item()  # E[log pi_s - log pi_t] on samples
                  for r, (_, _, m, s, _) in enumerate(rollouts) if "teacher_logp" in s)
         ious = [x for *_, xs in rollouts for x in xs]
-        loss, kl, tokens, iou = mean_over_ranks([stats["loss"], kl, tokens, sum(ious) / len(ious)])
+        extra = [s.get("stats", {}) for _, _, _, s, _ in rollouts]  # a variant's own numbers (e.g. dpo.py's)
+        names = sorted(extra[0])
+        loss, kl, tokens, iou, *extra = mean_over_ranks([stats["loss"], kl, tokens, sum(ious) / len(ious)] + [
+            sum(e[k] for e in extra) / len(extra) for k in names])
         kl, tokens = kl / max(tokens, 1), tokens * world()
         step_time = time.time() - t0
         wall += step_time
@@ -463,7 +467,8 @@ def train(args, student, processor, score, loss_fn, rollout_model=None, group=1,
                   "kl": round(kl, 5), "rollout_iou": round(iou, 4), "grad_norm": round(grad_norm, 4),
                   "lr": sched.get_last_lr()[0], "tokens_per_s": round(tokens / step_time, 1),
                   "time": {k: round(v, 3) for k, v in timing.items()} | {
-                      "other": round(step_time - sum(timing.values()), 3)}}
+                      "other": round(step_time - sum(timing.values()), 3)}} | {
+                      k: round(v, 4) for k, v in zip(names, extra)}
         log.write(json.dumps(record) + "\n"), log.flush()
         bar.set_postfix(loss=f"{loss:.3f}", kl=f"{kl:.3f}", iou=f"{iou:.3f}")
         if test and args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < args.steps:
@@ -487,6 +492,32 @@ def save(args, student, processor, opt, sched, step, wall):
                     "step": step, "wall": wall, "args": dataclasses.asdict(args)}, f"{path}/state.pt")
     if dist.is_initialized():
         dist.barrier()  # nobody reads the checkpoint before rank 0 has written it
+
+
+def train_in_stages(args, names, run):
+    """A curriculum (tvdf.py's rounds, dpo.py's strengths): args.steps split over the stages (the remainder to the
+    last); run(i, stage_args) trains stage i (an opd.train call) in OUT/<names[i]>/ and returns its evaluation
+    records. The stages' logs are joined into OUT/log.jsonl, steps and wall time running on, each record tagged
+    with its stage. Returns the joined evaluation records, like opd.train."""
+    steps = [args.steps // len(names)] * (len(names) - 1)
+    steps.append(args.steps - sum(steps))
+    os.makedirs(args.out, exist_ok=True)
+    log = open(f"{args.out}/log.jsonl" if rank() == 0 else os.devnull, "w")
+    evals, offset = [], (0, 0.0)
+    for i, (name, n) in enumerate(zip(names, steps)):
+        if n == 0:
+            continue
+        stage_args = dataclasses.replace(args, out=f"{args.out}/{name}", steps=n, resume=False)
+        records = run(i, stage_args)
+        later = offset[0] > 0  # a later stage's "before" is the previous stage's "after": logged once
+        for rec in map(json.loads, open(f"{stage_args.out}/log.jsonl") if rank() == 0 else []):
+            if not (later and rec["step"] == 0):
+                rec |= {"step": rec["step"] + offset[0], "wall": round(rec["wall"] + offset[1], 2), "stage": name}
+                log.write(json.dumps(rec) + "\n")
+        evals += [e | {"step": e["step"] + offset[0]} for e in records if not (later and e["step"] == 0)]
+        offset = (offset[0] + n, records[-1]["wall"] + offset[1] if records else offset[1])
+    log.close()
+    return evals
 
 
 def teacher_metrics(args, teacher, processor):

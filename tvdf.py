@@ -10,7 +10,6 @@ IoU_student(i) with the *current* student; keep the k samples with the largest d
 the appendix's variants (DSUS, BBDS, GWDS). Each round recomputes delta and adds k new samples to the pool.
 """
 import argparse
-import dataclasses
 import json
 import os
 
@@ -96,34 +95,26 @@ def describe(teacher_iou, student_iou, chosen, tau):
 # ----------------------------------------------------------------------------- the multi-round curriculum
 def curriculum(args, student, processor, teacher, score, loss_fn):
     """opd.py --tvdf-rounds R --tvdf-k K: R rounds of (select K more with the current student, train on the
-    cumulative pool for steps / R steps). Rounds log to OUT/roundN/; their records are joined, with steps and
-    wall time running on, in OUT/log.jsonl. Returns the evaluation records like opd.train."""
+    cumulative pool for steps / R steps), through opd.train_in_stages: rounds in OUT/roundN/, one joined
+    OUT/log.jsonl. Returns the evaluation records like opd.train."""
     import opd
     pool = data.load_annotations(args.data, args.video_root)
     pool = pool[:args.tvdf_pool] if args.tvdf_pool else pool
-    os.makedirs(args.out, exist_ok=True)
+    os.makedirs(args.out, exist_ok=True)  # for the teacher's cached IoUs
     t_iou = teacher_ious(teacher, processor, pool, f"{args.out}/teacher_iou.json")
-    chosen, evals, offset = np.zeros(0, int), [], (0, 0.0)
-    log = open(f"{args.out}/log.jsonl", "w")
-    for r in range(args.tvdf_rounds):
+    chosen = np.zeros(0, int)  # grows by K each round
+
+    def run_round(r, round_args):
+        nonlocal chosen
         rest = np.setdiff1d(np.arange(len(pool)), chosen)
         s_iou = sample_ious(student, processor, [pool[i] for i in rest], desc=f"student (round {r + 1})")
         student.train()
         new = rest[select(t_iou[rest], s_iou, args.tvdf_k, args.tvdf_tau, args.tvdf_strategy, args.seed + r)]
         print(f"TVDF round {r + 1}: " + describe(t_iou[rest], s_iou, np.searchsorted(rest, new), args.tvdf_tau))
         chosen = np.concatenate([chosen, new])
-        round_args = dataclasses.replace(args, out=f"{args.out}/round{r + 1}", steps=args.steps // args.tvdf_rounds,
-                                         resume=False)
-        records = opd.train(round_args, student, processor, score, loss_fn, pool=[pool[i] for i in chosen])
-        for rec in map(json.loads, open(f"{round_args.out}/log.jsonl")):
-            if r and rec["step"] == 0:
-                continue  # the next round's "before" is the previous round's "after"
-            rec |= {"step": rec["step"] + offset[0], "wall": round(rec["wall"] + offset[1], 2), "round": r + 1}
-            log.write(json.dumps(rec) + "\n")
-        evals += [e | {"step": e["step"] + offset[0]} for e in records if not (r and e["step"] == 0)]
-        offset = (offset[0] + round_args.steps, offset[1] + records[-1]["wall"] if records else offset[1])
-    log.close()
-    return evals
+        return opd.train(round_args, student, processor, score, loss_fn, pool=[pool[i] for i in chosen])
+
+    return opd.train_in_stages(args, [f"round{r + 1}" for r in range(args.tvdf_rounds)], run_round)
 
 
 def main():

@@ -136,6 +136,30 @@ def _one_prompt(batch, i):
     return opd.BatchFeature(out)
 
 
+def test_train_in_stages_splits_steps_and_joins_logs(tmp_path):
+    """7 steps over 3 stages -> 2, 2, 3; one log with steps and wall time running on, one "before" evaluation."""
+    seen = []
+
+    def run(i, stage_args):  # a stand-in for opd.train: logs "before", each step, "after"
+        seen.append((i, stage_args.steps, stage_args.out))
+        recs = [{"step": 0, "wall": 0.0, "eval": {"mIoU": i}}]
+        recs += [{"step": s, "wall": 1.5 * s, "loss": 0.1} for s in range(1, stage_args.steps + 1)]
+        recs += [{"step": stage_args.steps, "wall": 1.5 * stage_args.steps, "eval": {"mIoU": i + 1}}]
+        os.makedirs(stage_args.out)
+        with open(f"{stage_args.out}/log.jsonl", "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in recs)
+        return [r for r in recs if "eval" in r]
+
+    args = opd.Args(out=str(tmp_path), steps=7)
+    evals = opd.train_in_stages(args, ["a", "b", "c"], run)
+    assert [(i, n) for i, n, _ in seen] == [(0, 2), (1, 2), (2, 3)] and seen[2][2] == f"{tmp_path}/c"
+    log = [json.loads(x) for x in open(tmp_path / "log.jsonl")]
+    assert [r["step"] for r in log if "loss" in r] == list(range(1, 8))
+    assert [r["wall"] for r in log if "loss" in r] == [1.5, 3.0, 4.5, 6.0, 7.5, 9.0, 10.5]
+    assert [(r["step"], r["stage"]) for r in log if "eval" in r] == [(0, "a"), (2, "a"), (4, "b"), (7, "c")]
+    assert [(e["step"], e["eval"]["mIoU"]) for e in evals] == [(0, 0), (2, 1), (4, 2), (7, 3)]
+
+
 def _run(script, tiny, out, *extra):
     cmd = [sys.executable, script, "--student", tiny["student"], "--teacher", tiny["teacher"], "--data", tiny["train"],
            "--eval-data", tiny["test"], "--out", str(out), "--prompts-per-step", "4", "--micro-batch", "2",

@@ -85,5 +85,5 @@ def test_inline_curriculum_two_rounds(tiny, tmp_path):
     out = _run("opd.py", tiny, tmp_path, "--steps", "2", "--tvdf-rounds", "2", "--tvdf-k", "3", "--tvdf-tau", "0")
     assert out.count("TVDF round") == 2
     log = [json.loads(x) for x in open(tmp_path / "log.jsonl")]
-    assert [r["step"] for r in log if "loss" in r] == [1, 2] and {r["round"] for r in log} == {1, 2}
+    assert [r["step"] for r in log if "loss" in r] == [1, 2] and {r["stage"] for r in log} == {"round1", "round2"}
     assert json.load(open(tmp_path / "teacher_iou.json"))  # cached for the next rounds
