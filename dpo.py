@@ -128,12 +128,13 @@ def prompt_of(seq, T):
 
 
 def main():
-    args = opd.resolve_miniature(opd.cli(DPOArgs, MINIATURE))
+    args = opd.cli(DPOArgs, MINIATURE)
     if args.resume:
         raise SystemExit("dpo.py runs its curriculum as separate opd.train stages: --resume is not supported")
     if args.perturbation not in KINDS + ("mix",):
         raise SystemExit(f"--perturbation must be one of {KINDS + ('mix',)}")
     opd.init_distributed()
+    opd.resolve_miniature(args)
     torch.manual_seed(args.seed)
     student, processor = opd.load_student(args)
     ref, _ = ev.load_model(args.student, device=opd.load_device())  # the frozen initial student: DPO's reference

@@ -14,7 +14,6 @@ next to opd.py, only `score` (group-normalised IoU instead of the teacher's log-
 advantage A_i, its magnitude from a teacher: an EMA copy of the policy that reads the ground-truth span in its
 prompt (privileged information) and scores the same rollout tokens. See `visd_advantages` for the formula.
 """
-import copy
 import dataclasses
 from dataclasses import dataclass
 
@@ -93,7 +92,11 @@ def visd_advantages(advantages, teacher_logp, old_logp, clip):
 
 @torch.no_grad()
 def ema_update(teacher, student, decay):
-    """teacher <- decay * teacher + (1 - decay) * student, every parameter; buffers copied."""
+    """teacher <- decay * teacher + (1 - decay) * student, every parameter; buffers copied. Under torchrun both are
+    sharded alike, so each rank updates its own shards."""
+    for model in (teacher, student):
+        if hasattr(model, "reshard"):  # FSDP keeps the top-level weights gathered after a forward: back to shards
+            model.reshard()
     for t, s in zip(teacher.parameters(), student.parameters()):
         t.mul_(decay).add_(s.detach(), alpha=1 - decay)
     for t, s in zip(teacher.buffers(), student.buffers()):
@@ -101,8 +104,9 @@ def ema_update(teacher, student, decay):
 
 
 def main():
-    args = opd.resolve_miniature(opd.cli(GRPOArgs, MINIATURE))
+    args = opd.cli(GRPOArgs, MINIATURE)
     opd.init_distributed()
+    opd.resolve_miniature(args)
     torch.manual_seed(args.seed)
     student, processor = opd.load_student(args)
     forbidden = ev.forbidden_ids(processor)
@@ -112,7 +116,9 @@ def main():
         ref = opd.shard(ref.requires_grad_(False))
     teacher = None
     if args.visd:  # VISD's teacher: the policy itself at start, then its EMA (not checkpointed: --resume restarts it)
-        teacher = copy.deepcopy(student).requires_grad_(False).eval()
+        teacher, _ = ev.load_model(f"{args.out}/checkpoint" if args.resume else args.student,  # (FSDP cannot
+                                   device=opd.load_device(), dtype=torch.float32)              # deepcopy)
+        teacher = opd.shard(teacher.requires_grad_(False))
 
     def score(seq, ids, mask, ious, chunk, videos):
         """The group-normalised IoU of each completion: one advantage per sequence (+ VISD's teacher log-probs)."""

@@ -271,7 +271,11 @@ def resolve_miniature(args):
     """Fill the miniature's models and data into whatever the user did not give (building it on first use)."""
     if not (args.student and args.data):  # real runs name their own models and data (grpo.py has no teacher)
         import toy
+        if rank() > 0:
+            dist.barrier()  # under torchrun rank 0 builds (or finds) the miniature while the others wait
         paths = toy.ensure()
+        if rank() == 0 and dist.is_initialized():
+            dist.barrier()
         args.student = args.student or paths["student"]
         args.teacher = args.teacher or paths["teacher"]
         args.data = args.data or paths["train"]
@@ -369,6 +373,8 @@ def train(args, student, processor, score, loss_fn, rollout_model=None, group=1,
     Returns the list of evaluation records.
     """
     rollout_model = rollout_model or student
+    if args.prompts_per_step % world():  # every rank must run the same number of micro-batches (FSDP)
+        raise ValueError(f"--prompts-per-step {args.prompts_per_step} must be divisible by the {world()} processes")
     samples = pool if pool is not None else data.load_annotations(args.data, args.video_root)
     test = data.load_annotations(args.eval_data, args.video_root) if args.eval_data else None
     test = test[:args.eval_limit] if test and args.eval_limit else test
@@ -539,8 +545,9 @@ def teacher_metrics(args, teacher, processor):
 
 
 def main():
-    args = resolve_miniature(cli(Args, MINIATURE))
+    args = cli(Args, MINIATURE)
     init_distributed()
+    resolve_miniature(args)
     torch.manual_seed(args.seed)
     student, processor = load_student(args)
     teacher, teacher_processor = ev.load_model(args.teacher, device=load_device())
@@ -561,8 +568,9 @@ def main():
             if not torch.equal(d_seq["input_ids"], seq["input_ids"]):
                 raise ValueError("the degraded video changed the prompt's token layout")
             d_logits = completion_logits(teacher, d_seq, ids.shape[1], args.temperature, forbidden, vocab)
-            return {"teacher_logits": t_logits, "teacher_logp": t_logp, "group": group,
-                    "va": visual_advantage(t_logp, token_logp(d_logits, ids), mask)}
+            va = visual_advantage(t_logp, token_logp(d_logits, ids), mask)
+            return {"teacher_logits": t_logits, "teacher_logp": t_logp, "group": group, "va": va,
+                    "stats": {"va": (va.sum() / mask.sum()).item()}}  # the mean visual advantage, for the log
         if args.loss == "fullkl":
             return {"teacher_logits": t_logits, "teacher_logp": t_logp}
         return {"teacher_logp": t_logp}

@@ -1,4 +1,5 @@
 """grpo.py: advantages, clipping, the IoU reward on tricky answers, a smoke run and resume."""
+import copy
 import json
 
 import pytest
@@ -128,7 +129,7 @@ def test_visd_advantages_are_constants_and_reduce_to_grpo_when_teacher_agrees():
 def test_ema_update_is_exact():
     torch.manual_seed(0)
     student = torch.nn.Linear(3, 2)
-    teacher = grpo.copy.deepcopy(student).requires_grad_(False)
+    teacher = copy.deepcopy(student).requires_grad_(False)
     with torch.no_grad():
         teacher.weight.fill_(0.5), teacher.bias.fill_(-1.0)
     t0 = {k: v.clone() for k, v in teacher.state_dict().items()}
