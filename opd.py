@@ -462,10 +462,10 @@ def train(args, student, processor, score, loss_fn, rollout_model=None, group=1,
         kl = sum(((old_logps[r] - s["teacher_logp"]) * m).sum().item()  # E[log pi_s - log pi_t] on samples
                  for r, (_, _, m, s, _) in enumerate(rollouts) if "teacher_logp" in s)
         ious = [x for *_, xs in rollouts for x in xs]
-        extra = [s.get("stats", {}) for _, _, _, s, _ in rollouts]  # a variant's own numbers (e.g. dpo.py's)
-        names = sorted(extra[0])
-        loss, kl, tokens, iou, *extra = mean_over_ranks([stats["loss"], kl, tokens, sum(ious) / len(ious)] + [
-            sum(e[k] for e in extra) / len(extra) for k in names])
+        variant = [s.get("stats", {}) for _, _, _, s, _ in rollouts]  # a variant's own numbers (e.g. dpo.py's)
+        names = sorted(variant[0])
+        loss, kl, tokens, iou, *means = mean_over_ranks([stats["loss"], kl, tokens, sum(ious) / len(ious)] + [
+            sum(v[k] for v in variant) / len(variant) for k in names])
         kl, tokens = kl / max(tokens, 1), tokens * world()
         step_time = time.time() - t0
         wall += step_time
@@ -474,7 +474,7 @@ def train(args, student, processor, score, loss_fn, rollout_model=None, group=1,
                   "lr": sched.get_last_lr()[0], "tokens_per_s": round(tokens / step_time, 1),
                   "time": {k: round(v, 3) for k, v in timing.items()} | {
                       "other": round(step_time - sum(timing.values()), 3)}} | {
-                      k: round(v, 4) for k, v in zip(names, extra)}
+                      k: round(v, 4) for k, v in zip(names, means)}
         log.write(json.dumps(record) + "\n"), log.flush()
         bar.set_postfix(loss=f"{loss:.3f}", kl=f"{kl:.3f}", iou=f"{iou:.3f}")
         if test and args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < args.steps:
