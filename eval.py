@@ -1,7 +1,7 @@
 """Decoding and the field's metrics for temporal video grounding.
 
     python eval.py [--model M] [--data ANNOTATIONS] [--video-root DIR] [--out preds.jsonl]
-    python eval.py --compare runs/opd runs/grpo [...] [--plot compare.png]
+    python eval.py --compare runs/opd runs/grpo [...] [--target MIOU] [--compare-out NAME]
 
 With no --model/--data it evaluates the miniature teacher on the miniature test set (built on first use).
 Prints R1@0.3/0.5/0.7 and mIoU; writes one JSON line per query; an interrupted run resumes from that file.
