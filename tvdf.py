@@ -17,6 +17,7 @@ import numpy as np
 
 import data
 import eval as ev
+import opd
 
 STRATEGIES = ("topk", "dsus", "bbds", "gwds", "random")
 
@@ -77,8 +78,9 @@ def teacher_ious(teacher, processor, samples, cache, n=1, batch_size=16):
     if todo:
         known |= dict(zip([s.id for s in todo], sample_ious(teacher, processor, todo, n, batch_size=batch_size,
                                                             desc="teacher").tolist()))
-        with open(cache, "w") as f:
-            json.dump(known, f)
+        if opd.rank() == 0:  # under torchrun every rank scored the same samples
+            with open(cache, "w") as f:
+                json.dump(known, f)
     return np.array([known[s.id] for s in samples])
 
 
@@ -97,7 +99,6 @@ def curriculum(args, student, processor, teacher, score, loss_fn):
     """opd.py --tvdf-rounds R --tvdf-k K: R rounds of (select K more with the current student, train on the
     cumulative pool for steps / R steps), through opd.train_in_stages: rounds in OUT/roundN/, one joined
     OUT/log.jsonl. Returns the evaluation records like opd.train."""
-    import opd
     pool = data.load_annotations(args.data, args.video_root)
     pool = pool[:args.tvdf_pool] if args.tvdf_pool else pool
     os.makedirs(args.out, exist_ok=True)  # for the teacher's cached IoUs
@@ -133,7 +134,6 @@ def main():
     p.add_argument("--strategy", default="topk", choices=STRATEGIES, help="DBTP variant (paper default: topk)")
     p.add_argument("--seed", type=int, default=0, help="seed for the sampling strategies")
     p.add_argument("--out", default="selected.jsonl", help="the chosen subset, in the plain JSONL format")
-    import opd
     args = opd.resolve_miniature(p.parse_args())
     pool = data.load_annotations(args.data, args.video_root)
     pool = pool[:args.pool] if args.pool else pool
