@@ -15,6 +15,7 @@ algorithms differ only in `score` / `loss`, i.e. in where the per-token advantag
 """
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import random
@@ -56,6 +57,7 @@ class Args:
     bf16: bool = False              # bf16 autocast for forward passes (GPU users)
     fps: float = 2.0                # frames per second sampled from each video (paper: 2)
     max_frames: int = 256           # frame cap per video
+    num_workers: int = 1            # DataLoader processes decoding the next steps' videos (0: in the main process)
     eval_every: int = 20            # greedy evaluation every N steps (0: only before and after)
     eval_limit: int = 0             # evaluate on the first N test queries only (0: all)
     save_every: int = 50            # checkpoint every N steps (and at the end)
@@ -357,6 +359,26 @@ def mean_over_ranks(values):
 
 
 # ----------------------------------------------------------------------------- the training loop (OPD and GRPO)
+def plan(args, samples, step):
+    """This rank's prompts of one step: [(mb, [Sample])] per micro-batch, mb = the micro-batch's place in the
+    whole step (the same under any number of ranks; it seeds the sampling)."""
+    idx = random.Random(args.seed * 100_003 + step).sample(range(len(samples)), min(args.prompts_per_step,
+                                                                                      len(samples)))
+    idx = idx[rank() * len(idx) // world():(rank() + 1) * len(idx) // world()]  # this rank's share
+    return [(rank() * len(idx) + i, [samples[j] for j in idx[i:i + args.micro_batch]])
+            for i in range(0, len(idx), args.micro_batch)]
+
+
+def prepare(args, processor, group, micro_batches):
+    """plan's micro-batches -> [(mb, samples, videos, prompt)]: the videos decoded, the prompts encoded and
+    expanded to `group` rollouts each (CPU work, run in a DataLoader worker while the previous step trains)."""
+    out = []
+    for mb, chunk in micro_batches:
+        videos, _ = ev.load_videos(chunk, fps=args.fps, max_frames=args.max_frames)
+        out.append((mb, chunk, videos, expand(data.encode(processor, chunk, videos), group)))
+    return out
+
+
 def train(args, student, processor, score, loss_fn, rollout_model=None, group=1, epochs=1, pool=None,
           after_step=None):
     """Rollouts -> score -> update, `args.steps` times. Shared by opd.py and grpo.py.
@@ -412,18 +434,18 @@ def train(args, student, processor, score, loss_fn, rollout_model=None, group=1,
     evals = [r for r in kept if "eval" in r] or ([evaluate(start)] if test else [])
     bar = tqdm(range(start, args.steps), desc=os.path.basename(args.out.rstrip("/")), initial=start,
                total=args.steps, disable=rank() > 0)
+    # each step's prompts are decoded and encoded by DataLoader workers, ahead of the step that uses them
+    loader = torch.utils.data.DataLoader([plan(args, samples, step) for step in range(start, args.steps)],
+                                         batch_size=None, num_workers=args.num_workers,
+                                         collate_fn=functools.partial(prepare, args, processor, group))
+    upcoming = iter(loader)
     for step in bar:
         t0, timing = time.time(), dict(generate=0.0, student=0.0, teacher=0.0)
-        idx = random.Random(args.seed * 100_003 + step).sample(range(len(samples)), min(args.prompts_per_step,
-                                                                                          len(samples)))
-        idx = idx[rank() * len(idx) // world():(rank() + 1) * len(idx) // world()]  # this rank's share
+        prepared = next(upcoming)  # waits only if the workers are behind (with --num-workers 0: does the work)
         # 1. rollouts and their scores, micro-batch by micro-batch (no grad)
         rollouts = []
-        for i in range(0, len(idx), args.micro_batch):
-            chunk = [samples[j] for j in idx[i:i + args.micro_batch]]
-            mb = rank() * len(idx) + i  # the micro-batch's place in the whole step, the same under any world size
-            videos, _ = ev.load_videos(chunk, fps=args.fps, max_frames=args.max_frames)
-            prompt = expand(data.encode(processor, chunk, videos), group).to(student.device)
+        for mb, chunk, videos, prompt in prepared:
+            prompt = prompt.to(student.device)
             tic = time.time()
             torch.manual_seed(args.seed * 1_000_003 + step * 1_009 + mb)  # sampling depends on the micro-batch only
             with autocast:
