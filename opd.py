@@ -10,8 +10,9 @@ policy gradient of the reverse KL(student || teacher) (Eq. 6): no clipping, no r
 `--va` (VA-OPD): the teacher also scores the rollout with a degraded video; the tokens and rollouts whose
 teacher log-prob drops most without the video's detail (visual advantage) weigh more in the full-vocabulary KL.
 
-This file also holds the rollout and scoring machinery and the training loop that grpo.py reuses: the two
-algorithms differ only in `score` / `loss`, i.e. in where the per-token advantage comes from.
+This file also holds the rollout and scoring machinery, the training loop that grpo.py and dpo.py reuse (the
+algorithms differ only in `score` / `loss`, i.e. in where the per-token advantage comes from), and the few lines
+that let `torchrun` run it on several GPUs with FSDP2.
 """
 import argparse
 import dataclasses
@@ -97,7 +98,8 @@ def cli(cls, miniature):
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
                            help=f"{helps.get(f.name, '')} (default: {f.default})")
         else:
-            p.add_argument(flag, type=f.type if f.type in (int, float) else str, default=argparse.SUPPRESS, help=f"{helps.get(f.name, '')} (default: {f.default})")
+            p.add_argument(flag, type=f.type if f.type in (int, float) else str, default=argparse.SUPPRESS,
+                           help=f"{helps.get(f.name, '')} (default: {f.default})")
     given = vars(p.parse_args())
     on_miniature = not any(given.get(k) for k in ("student", "teacher", "data"))
     return cls(**{**(miniature if on_miniature else {}), **given})
@@ -358,7 +360,7 @@ def mean_over_ranks(values):
     return (t / world()).tolist()
 
 
-# ----------------------------------------------------------------------------- the training loop (OPD and GRPO)
+# ----------------------------------------------------------------------------- the training loop (OPD, GRPO, DPO)
 def plan(args, samples, step):
     """This rank's prompts of one step: [(mb, [Sample])] per micro-batch, mb = the micro-batch's place in the
     whole step (the same under any number of ranks; it seeds the sampling)."""
@@ -381,7 +383,7 @@ def prepare(args, processor, group, micro_batches):
 
 def train(args, student, processor, score, loss_fn, rollout_model=None, group=1, epochs=1, pool=None,
           after_step=None):
-    """Rollouts -> score -> update, `args.steps` times. Shared by opd.py and grpo.py.
+    """Rollouts -> score -> update, `args.steps` times. Shared by opd.py, grpo.py and dpo.py.
 
     score(seq, ids, mask, ious, chunk, videos) -> dict (no grad; e.g. the teacher's log-probs, or GRPO's
         advantages). seq: prompt + completion [B*group, L+T]; ids, mask [B*group, T]; ious: each rollout's
