@@ -188,26 +188,25 @@ def compare(runs, out="compare", target=None):
                         "best_R1@0.5": max(e["eval"]["R1@0.5"] for e in evals),
                         "final_R1@0.5": evals[-1]["eval"]["R1@0.5"],
                         "target_mIoU": target, "target_step": hit["step"], "target_wall_s": hit["wall"]}
-    cols = list(next(iter(summary.values())))
     width = max(len(r) for r in runs) + 2
-    print(f"{'run':<{width}}" + "".join(f"{c:>14}" for c in cols))
-    for run, row in summary.items():
-        print(f"{run:<{width}}" + "".join(f"{v:14.1f}" for v in row.values()))
+
+    def show(name, table, cell):  # {row: {column: value}} -> aligned text, one line per row
+        print(f"{name:<{width}}" + "".join(f"{c:>14}" for c in next(iter(table.values()))))
+        for row, values in table.items():
+            print(f"{row:<{width}}" + "".join(cell(v) for v in values.values()))
+
+    show("run", summary, lambda v: f"{v:14.1f}")
     print("\nwhere a training step's time goes (mean seconds per step)")
-    ccols = list(next(iter(costs.values())))
-    print(f"{'run':<{width}}" + "".join(f"{c:>14}" for c in ccols))
-    for run, row in costs.items():
-        print(f"{run:<{width}}" + "".join(f"{v:14.3f}" for v in row.values()))
+    show("run", costs, lambda v: f"{v:14.3f}")
     groups = {}  # runs named NAME-s0, NAME-s1, ... are seeds of one configuration: mean and std over them
     for run, row in summary.items():
         groups.setdefault(re.sub(r"-s\d+$", "", run.rstrip("/")), []).append(row)
+    cols = list(next(iter(summary.values())))
     seeds = {g: {k: (float(np.nanmean([r[k] for r in rows])), float(np.nanstd([r[k] for r in rows]))) for k in cols}
              for g, rows in groups.items() if len(rows) > 1}
     if seeds:
         print("\nmean ± std over seeds")
-        print(f"{'config':<{width}}" + "".join(f"{c:>14}" for c in cols))
-        for g, row in seeds.items():
-            print(f"{g:<{width}}" + "".join(f"{m:8.1f} ±{s:4.1f}" for m, s in row.values()))
+        show("config", seeds, lambda v: f"{v[0]:8.1f} ±{v[1]:4.1f}")
     with open(out + ".json", "w") as f:
         json.dump({"runs": summary, "seeds": seeds, "step_time": costs}, f, indent=1)
     try:

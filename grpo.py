@@ -129,9 +129,8 @@ def main():
             out["ref_logp"] = opd.token_logp(opd.completion_logits(ref, seq, ids.shape[1], args.temperature,
                                                                    forbidden), ids)
         if teacher is not None:  # VISD: the EMA teacher reads the answer, then scores the same rollout tokens
-            hinted = [dataclasses.replace(s, query=hint_query(s)) for s in chunk]
-            prompt = opd.expand(data.encode(processor, hinted, videos), args.group_size).to(ids.device)
-            t_seq = opd.append_completion(prompt, ids, mask)
+            t_seq = opd.reprompt(processor, [dataclasses.replace(s, query=hint_query(s)) for s in chunk], videos,
+                                 ids, mask)
             out["teacher_logp"] = opd.token_logp(opd.completion_logits(teacher, t_seq, ids.shape[1],
                                                                        args.temperature, forbidden), ids)
         return out

@@ -129,6 +129,13 @@ def append_completion(batch, ids, mask):
     return BatchFeature(seq)
 
 
+def reprompt(processor, samples, videos, ids, mask):
+    """The same completions ids, mask [B*G, T] behind a prompt built anew from B samples and their videos (G
+    copies each): how VA-OPD's degraded video and VISD's hinted query score the rollout's own tokens."""
+    prompt = expand(data.encode(processor, samples, videos), ids.shape[0] // len(samples)).to(ids.device)
+    return append_completion(prompt, ids, mask)
+
+
 def completion_logits(model, seq, T, temperature, forbidden, vocab=None):
     """Logits / temperature of the T completion positions only: [B, T, V].
 
@@ -276,10 +283,10 @@ def resolve_miniature(args):
     if not (args.student and args.data):  # real runs name their own models and data (grpo.py has no teacher)
         import toy
         if rank() > 0:
-            dist.barrier()  # under torchrun rank 0 builds (or finds) the miniature while the others wait
+            barrier()  # under torchrun rank 0 builds (or finds) the miniature while the others wait
         paths = toy.ensure()
-        if rank() == 0 and dist.is_initialized():
-            dist.barrier()
+        if rank() == 0:
+            barrier()
         args.student = args.student or paths["student"]
         args.teacher = args.teacher or paths["teacher"]
         args.data = args.data or paths["train"]
@@ -306,6 +313,12 @@ def rank():
 
 def world():
     return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def barrier():
+    """Wait for every rank (a no-op for a single process)."""
+    if dist.is_initialized():
+        dist.barrier()
 
 
 def load_device():
@@ -416,8 +429,7 @@ def train(args, student, processor, score, loss_fn, rollout_model=None, group=1,
     kept = []  # on resume: the log up to the checkpoint (a killed run may have logged steps after it)
     if args.resume and os.path.exists(f"{args.out}/log.jsonl"):
         kept = [r for r in map(json.loads, open(f"{args.out}/log.jsonl")) if r["step"] <= start]
-    if dist.is_initialized():
-        dist.barrier()  # every rank has read the old log before rank 0 rewrites it
+    barrier()  # every rank has read the old log before rank 0 rewrites it
     log = open(f"{args.out}/log.jsonl" if rank() == 0 else os.devnull, "w")  # rank 0 logs for all
     log.writelines(json.dumps(r) + "\n" for r in kept)
     autocast = torch.autocast(student.device.type, torch.bfloat16, enabled=args.bf16)
@@ -520,8 +532,7 @@ def save(args, student, processor, opt, sched, step, wall):
     if rank() == 0:
         torch.save({"optimizer": state, "scheduler": sched.state_dict(), "torch_rng": torch.get_rng_state(),
                     "step": step, "wall": wall, "args": dataclasses.asdict(args)}, f"{path}/state.pt")
-    if dist.is_initialized():
-        dist.barrier()  # nobody reads the checkpoint before rank 0 has written it
+    barrier()  # nobody reads the checkpoint before rank 0 has written it
 
 
 def train_in_stages(args, names, run):
@@ -554,8 +565,7 @@ def teacher_metrics(args, teacher, processor):
     """The teacher's greedy test metrics, cached in the run folder (the teacher never changes)."""
     path = f"{args.out}/teacher_eval.json"
     cached = os.path.exists(path)
-    if dist.is_initialized():
-        dist.barrier()  # every rank decides before rank 0 writes the file: all of them evaluate, or none
+    barrier()  # every rank decides before rank 0 writes the file: all of them evaluate, or none
     if cached:
         with open(path) as f:
             return json.load(f)
@@ -586,9 +596,8 @@ def main():
         t_logp = token_logp(t_logits, ids)
         if args.va:
             group = ids.shape[0] // len(chunk)  # from the shapes: tvdf.curriculum trains with one rollout per prompt
-            degraded = [(degrade(frames, args.va_scale), meta) for frames, meta in videos]
-            prompt = expand(data.encode(processor, chunk, degraded), group).to(ids.device)
-            d_seq = append_completion(prompt, ids, mask)
+            d_seq = reprompt(processor, chunk, [(degrade(frames, args.va_scale), meta) for frames, meta in videos],
+                             ids, mask)
             if not torch.equal(d_seq["input_ids"], seq["input_ids"]):
                 raise ValueError("the degraded video changed the prompt's token layout")
             d_logits = completion_logits(teacher, d_seq, ids.shape[1], args.temperature, forbidden, vocab)
