@@ -158,7 +158,9 @@ def make_processor(out, cfg):
     n_pix = cfg.frame * cfg.frame
     video = Qwen3VLVideoProcessor(size={"shortest_edge": n_pix, "longest_edge": n_pix * 1024},
                                   cap_pixels_per_frame=False, do_sample_frames=False)
-    image = Qwen2VLImageProcessor(size={"shortest_edge": n_pix, "longest_edge": n_pix * 4})
+    # real Qwen3-VL's image settings (its preprocessor_config.json): patch 16, mean/std 0.5, like its video processor
+    image = Qwen2VLImageProcessor(size={"shortest_edge": n_pix, "longest_edge": n_pix * 4}, patch_size=16,
+                                  merge_size=2, temporal_patch_size=2, image_mean=[0.5] * 3, image_std=[0.5] * 3)
     processor = Qwen3VLProcessor(image_processor=image, tokenizer=tokenizer, video_processor=video,
                                  chat_template=CHAT_TEMPLATE)
     processor.save_pretrained(out)
