@@ -31,7 +31,8 @@ What the papers say, and what is interpretation here:
   again (with r = 2 TEMPLE's shuffle keeps the video as it is half the time). TEMPLE generates its pairs once,
   offline; here both answers are sampled by the current student at every step (on-policy, through opd.train),
   pairs whose two answers are identical are masked out (they carry no gradient) and counted, and each stage of
-  the curriculum is one opd.train call with a fresh optimizer (like tvdf.curriculum).
+  the curriculum is one opd.train call; AdamW's state and the warm-up carry over from stage to stage (ours: the
+  papers do not say; a restart would reset the moments at every change of r).
 """
 import json
 from dataclasses import dataclass
@@ -175,8 +176,9 @@ def main():
                         scored["ref_c"], scored["ref_r"], args.beta, scored["keep"])
 
     strengths = [int(x) for x in args.strengths.split(",")]  # the curriculum: one stage per r, easy first
+    optimizer = opd.make_optimizer(args, student)  # one AdamW and warm-up over all stages: a stage is not a restart
     evals = opd.train_in_stages(args, [f"r{r}" for r in strengths], lambda i, stage_args: opd.train(
-        stage_args, student, processor, make_score(strengths[i]), loss_fn))
+        stage_args, student, processor, make_score(strengths[i]), loss_fn, optimizer=optimizer))
     opd.save_model(student, processor, f"{args.out}/final")
     if evals and opd.rank() == 0:
         rows = {"student before": evals[0]["eval"], "student after": evals[-1]["eval"]}

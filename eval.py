@@ -16,6 +16,7 @@ import numpy as np
 
 import torch
 from tqdm import tqdm
+from transformers import GenerationConfig
 
 import data
 
@@ -70,25 +71,39 @@ def forbidden_ids(processor):
 
 
 def generate(model, processor, batch, max_new_tokens=32, temperature=None):
-    """Greedy (temperature None) or pure sampling (top_k 0, top_p 1) with the KV cache.
+    """Greedy (temperature None) or pure sampling at `temperature` (top_k 0, top_p 1) with the KV cache.
 
     batch: left-padded inputs from data.encode, [B, L]. Vision tokens are suppressed.
     Returns completion ids [B, T] (padded after EOS) and their mask [B, T] (1 up to and including EOS).
+
+    Sampling and scoring must be one distribution (completion_logits scores logits / temperature over the same
+    support), so nothing else may touch the logits: the model generates in eval mode (in train mode, gradient
+    checkpointing makes transformers drop the KV cache and the model writes garbage), and from a fresh
+    GenerationConfig holding only the settings below. A checkpoint's own generation_config.json (real Qwen
+    checkpoints ship top_k, top_p, temperature, some a repetition penalty) would otherwise fill in every setting
+    left unset here.
     """
     tok = processor.tokenizer
-    eos = model.generation_config.eos_token_id
-    eos = set(eos if isinstance(eos, list) else [eos])
-    sampling = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature else \
-        dict(do_sample=False, temperature=None, top_k=None, top_p=None)
+    eos = model.generation_config.eos_token_id  # where an answer ends is the checkpoint's to say; how to sample, not
+    eos = sorted(set(eos if isinstance(eos, list) else [eos]))
+    config = GenerationConfig(max_new_tokens=max_new_tokens, suppress_tokens=forbidden_ids(processor),
+                              eos_token_id=eos, pad_token_id=tok.pad_token_id, **(
+                                  dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature
+                                  else dict(do_sample=False)))
     batch = batch.to(model.device)
+    was_training, saved = model.training, model.generation_config
+    model.eval()
+    model.generation_config = config  # generate fills unset values from model.generation_config: make it ours
     if hasattr(model, "unshard"):  # FSDP2 (torchrun): generate runs the vision tower outside the model's forward,
         model.unshard()            # so gather the top-level weights first
-    with torch.no_grad():
-        # synced_gpus: under torchrun + FSDP every rank must run the same number of forward passes, so a rank whose
-        # answers are done keeps stepping until all are
-        out = model.generate(**batch, max_new_tokens=max_new_tokens, suppress_tokens=forbidden_ids(processor),
-                             pad_token_id=tok.pad_token_id, synced_gpus=torch.distributed.is_initialized(),
-                             **sampling)
+    try:
+        with torch.no_grad():
+            # synced_gpus: under torchrun + FSDP every rank must run the same number of forward passes, so a rank
+            # whose answers are done keeps stepping until all are
+            out = model.generate(**batch, generation_config=config, synced_gpus=torch.distributed.is_initialized())
+    finally:
+        model.generation_config = saved
+        model.train(was_training)
     if hasattr(model, "reshard"):
         model.reshard()
     ids = out[:, batch["input_ids"].shape[1]:]

@@ -56,7 +56,8 @@ def group_advantages(rewards, group_size, scale=False):
 
 def grpo_loss(logp, old_logp, advantages, mask, clip_eps=0.2, ref_logp=None, beta=0.0):
     """Clipped surrogate with token-level aggregation. logp, old_logp, mask [B, T]; advantages [B] or [B, T];
-    ref_logp [B, T] for the optional k3 KL penalty. Averaged over all real completion tokens of the batch."""
+    ref_logp [B, T] for the optional k3 KL penalty. Averaged over all real completion tokens of the batch (opd.train
+    with token_mean=True weighs micro-batches so that the step's loss is the mean over all of its tokens)."""
     adv = advantages.unsqueeze(1) if advantages.dim() == 1 else advantages
     ratio = torch.exp(logp - old_logp)
     per_token = -torch.min(ratio * adv, ratio.clamp(1 - clip_eps, 1 + clip_eps) * adv)
@@ -144,7 +145,7 @@ def main():
 
     ema = (lambda: ema_update(teacher, student, args.visd_decay)) if teacher is not None else None
     evals = opd.train(args, student, processor, score, loss_fn, group=args.group_size, epochs=args.ppo_epochs,
-                      after_step=ema)
+                      after_step=ema, token_mean=True)  # grpo_loss is a mean over the step's tokens
     opd.save_model(student, processor, f"{args.out}/final")
     if evals and opd.rank() == 0:
         print(ev.format_table({"student before": evals[0]["eval"], "student after": evals[-1]["eval"]}))

@@ -171,16 +171,24 @@ def opd_loss(logp, old_logp, teacher_logp, mask):
 
 def token_kl(logits, teacher_logits, chunk=16):
     """Exact reverse KL over the vocabulary at each position: sum_v p_s log(p_s / p_t) -> [B, T] in fp32.
-    logits, teacher_logits [B, T, V] (already / temperature, forbidden tokens -inf in both). Computed `chunk`
-    positions at a time so [B, T, V] in fp32 never exists at once.
+    logits, teacher_logits [B, T, V] (already / temperature, forbidden tokens -inf in both).
+
+    Memory: one chunk of `chunk` positions at a time, in the backward pass too. Without the checkpoint around each
+    chunk, autograd would keep every chunk's fp32 log-softmaxes and products until backward (measured: ~4x
+    [B, T, V] fp32, whatever the chunk; tests/test_opd.py); with it, it keeps only the chunk's inputs (views of
+    the logits, which exist anyway) and recomputes the chunk's softmaxes in backward.
     """
-    out = []
-    for t in range(0, logits.shape[1], chunk):
-        s = torch.log_softmax(logits[:, t:t + chunk].float(), -1)
-        q = torch.log_softmax(teacher_logits[:, t:t + chunk].float(), -1)
-        # forbidden tokens are -inf in both: zero their terms before the product, or the backward pass is NaN
-        out.append((s.exp() * (s - q).masked_fill(torch.isinf(s), 0.0)).sum(-1))
-    return torch.cat(out, 1)
+    return torch.cat([torch.utils.checkpoint.checkpoint(_chunk_kl, logits[:, t:t + chunk],
+                                                        teacher_logits[:, t:t + chunk], use_reentrant=False)
+                      for t in range(0, logits.shape[1], chunk)], 1)
+
+
+def _chunk_kl(logits, teacher_logits):
+    """token_kl of one chunk: [B, t, V] x 2 -> [B, t]."""
+    s = torch.log_softmax(logits.float(), -1)
+    q = torch.log_softmax(teacher_logits.float(), -1)
+    # forbidden tokens are -inf in both: zero their terms before the product, or the backward pass is NaN
+    return (s.exp() * (s - q).masked_fill(torch.isinf(s), 0.0)).sum(-1)
 
 
 def fullkl_loss(logits, teacher_logits, mask, chunk=16):
@@ -395,7 +403,7 @@ def prepare(args, processor, group, micro_batches):
 
 
 def train(args, student, processor, score, loss_fn, rollout_model=None, group=1, epochs=1, pool=None,
-          after_step=None):
+          after_step=None, token_mean=False, optimizer=None):
     """Rollouts -> score -> update, `args.steps` times. Shared by opd.py, grpo.py and dpo.py.
 
     score(seq, ids, mask, ious, chunk, videos) -> dict (no grad; e.g. the teacher's log-probs, or GRPO's
@@ -407,6 +415,9 @@ def train(args, student, processor, score, loss_fn, rollout_model=None, group=1,
     rollout_model: who samples the completions (default: the student, on-policy); group: completions per prompt;
     epochs: update passes over each batch of rollouts (1 for OPD: then old_logp = logp's value, Eq. 6's ratio is 1);
     after_step(): called after each step's updates (VISD's EMA teacher follows the student there).
+    token_mean: loss_fn averages over tokens (GRPO), not over sequences (OPD, DPO): how micro-batches are weighted,
+        so that the step's loss is one mean over the whole step, whatever the micro-batch sizes.
+    optimizer: (opt, sched) from make_optimizer, carried over from an earlier stage of a curriculum (default: new).
     Returns the list of evaluation records.
     """
     rollout_model = rollout_model or student
@@ -417,8 +428,7 @@ def train(args, student, processor, score, loss_fn, rollout_model=None, group=1,
     test = test[:args.eval_limit] if test and args.eval_limit else test
     forbidden = ev.forbidden_ids(processor)
     params = [p for p in student.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / (args.warmup_steps + 1)))
+    opt, sched = optimizer or make_optimizer(args, student)
     os.makedirs(args.out, exist_ok=True)
     start, wall = 0, 0.0
     if args.resume:
@@ -475,6 +485,10 @@ def train(args, student, processor, score, loss_fn, rollout_model=None, group=1,
         # 2. updates: epochs passes over the rollouts, one optimizer step each
         tic = time.time()
         old_logps = [None] * len(rollouts)
+        # each micro-batch weighs by its share of the step's sequences (tokens): 4 + 4 + 2 prompts give the gradient
+        # of one batch of 10. Per rank: FSDP averages the ranks' gradients, so divide by the mean count over ranks
+        units = [m.sum().item() if token_mean else m.shape[0] for _, _, m, _, _ in rollouts]
+        per_rank = mean_over_ranks([sum(units)])[0]
         for _ in range(epochs):
             stats = dict(loss=0.0)
             for r, (seq, ids, mask, scored, _) in enumerate(rollouts):
@@ -483,7 +497,7 @@ def train(args, student, processor, score, loss_fn, rollout_model=None, group=1,
                 logp = token_logp(logits, ids)
                 if old_logps[r] is None:  # pi_old: the policy that sampled (first pass = before any update)
                     old_logps[r] = logp.detach()
-                loss = loss_fn(logits, ids, mask, old_logps[r], scored) / len(rollouts)
+                loss = loss_fn(logits, ids, mask, old_logps[r], scored) * units[r] / per_rank
                 loss.backward()
                 stats["loss"] += loss.item()
             grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
@@ -521,6 +535,13 @@ def train(args, student, processor, score, loss_fn, rollout_model=None, group=1,
         evals.append(evaluate(args.steps))
     log.close()
     return evals
+
+
+def make_optimizer(args, student):
+    """AdamW on the trainable weights, linear warm-up over args.warmup_steps, then constant: (opt, sched)."""
+    opt = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=args.lr,
+                            weight_decay=args.weight_decay)
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / (args.warmup_steps + 1)))
 
 
 def save(args, student, processor, opt, sched, step, wall):
@@ -580,6 +601,11 @@ def teacher_metrics(args, teacher, processor):
 
 def main():
     args = cli(Args, MINIATURE)
+    if args.rollouts == "teacher" and args.loss == "sampled" and not args.va:
+        # the score-function gradient on the teacher's samples is the gradient of no divergence: off-policy
+        # distillation is the full-vocabulary KL on the teacher's tokens (GKD with lambda 0)
+        raise SystemExit("--rollouts teacher needs --loss fullkl: Eq. 6's sampled estimator is only a KL gradient "
+                         "on the student's own samples")
     init_distributed()
     resolve_miniature(args)
     torch.manual_seed(args.seed)

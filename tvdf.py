@@ -62,26 +62,33 @@ def select(teacher_iou, student_iou, k, tau, strategy="topk", seed=0):
 
 
 # ----------------------------------------------------------------------------- scoring models over samples
-def sample_ious(model, processor, samples, n=1, temperature=1.0, batch_size=16, desc="score"):
+def sample_ious(model, processor, samples, n=1, temperature=1.0, batch_size=16, desc="score", fps=2.0,
+                max_frames=256):
     """Each sample's mean temporal IoU over n predictions: the greedy one, plus n - 1 sampled. -> [N]"""
-    ious = np.array([r["iou"] for r in ev.predict(model, processor, samples, batch_size, desc=desc)])
+    kw = dict(fps=fps, max_frames=max_frames)
+    ious = np.array([r["iou"] for r in ev.predict(model, processor, samples, batch_size, desc=desc, **kw)])
     for j in range(1, n):
-        rows = ev.predict(model, processor, samples, batch_size, temperature=temperature, desc=f"{desc} #{j + 1}")
+        rows = ev.predict(model, processor, samples, batch_size, temperature=temperature, desc=f"{desc} #{j + 1}", **kw)
         ious += np.array([r["iou"] for r in rows])
     return ious / n
 
 
-def teacher_ious(teacher, processor, samples, cache, n=1, batch_size=16):
-    """The teacher's IoUs, cached by sample id in a JSON file: the teacher never changes across rounds."""
-    known = json.load(open(cache)) if os.path.exists(cache) else {}
-    todo = [s for s in samples if s.id not in known]
+def teacher_ious(teacher, processor, samples, cache, n=1, batch_size=16, fps=2.0, max_frames=256):
+    """The teacher's IoUs, cached in a JSON file (the teacher never changes across rounds). Keyed by everything an
+    IoU depends on: the teacher (its path), how it watches (fps, max_frames), the n predictions averaged, and each
+    sample's video, query and span; so another teacher, data set or fps never reuses these numbers."""
+    setting = json.dumps([teacher.name_or_path, fps, max_frames, n])
+    key = lambda s: json.dumps([s.video, s.query, list(s.span)])
+    cached = json.load(open(cache)) if os.path.exists(cache) else {}
+    known = cached.setdefault(setting, {})
+    todo = [s for s in samples if key(s) not in known]
     if todo:
-        known |= dict(zip([s.id for s in todo], sample_ious(teacher, processor, todo, n, batch_size=batch_size,
-                                                            desc="teacher").tolist()))
+        known |= dict(zip(map(key, todo), sample_ious(teacher, processor, todo, n, batch_size=batch_size,
+                                                      desc="teacher", fps=fps, max_frames=max_frames).tolist()))
         if opd.rank() == 0:  # under torchrun every rank scored the same samples
             with open(cache, "w") as f:
-                json.dump(known, f)
-    return np.array([known[s.id] for s in samples])
+                json.dump(cached, f)
+    return np.array([known[key(s)] for s in samples])
 
 
 def describe(teacher_iou, student_iou, chosen, tau):
@@ -102,18 +109,22 @@ def curriculum(args, student, processor, teacher, score, loss_fn):
     pool = data.load_annotations(args.data, args.video_root)
     pool = pool[:args.tvdf_pool] if args.tvdf_pool else pool
     os.makedirs(args.out, exist_ok=True)  # for the teacher's cached IoUs
-    t_iou = teacher_ious(teacher, processor, pool, f"{args.out}/teacher_iou.json")
+    t_iou = teacher_ious(teacher, processor, pool, f"{args.out}/teacher_iou.json", fps=args.fps,
+                         max_frames=args.max_frames)
     chosen = np.zeros(0, int)  # grows by K each round
+    optimizer = opd.make_optimizer(args, student)  # one AdamW and warm-up over all rounds: a round is not a restart
 
     def run_round(r, round_args):
         nonlocal chosen
         rest = np.setdiff1d(np.arange(len(pool)), chosen)
-        s_iou = sample_ious(student, processor, [pool[i] for i in rest], desc=f"student (round {r + 1})")
+        s_iou = sample_ious(student, processor, [pool[i] for i in rest], desc=f"student (round {r + 1})",
+                            fps=args.fps, max_frames=args.max_frames)
         student.train()
         new = rest[select(t_iou[rest], s_iou, args.tvdf_k, args.tvdf_tau, args.tvdf_strategy, args.seed + r)]
         print(f"TVDF round {r + 1}: " + describe(t_iou[rest], s_iou, np.searchsorted(rest, new), args.tvdf_tau))
         chosen = np.concatenate([chosen, new])
-        return opd.train(round_args, student, processor, score, loss_fn, pool=[pool[i] for i in chosen])
+        return opd.train(round_args, student, processor, score, loss_fn, pool=[pool[i] for i in chosen],
+                         optimizer=optimizer)
 
     return opd.train_in_stages(args, [f"round{r + 1}" for r in range(args.tvdf_rounds)], run_round)
 

@@ -57,6 +57,27 @@ def test_fullkl_equals_brute_force_and_ignores_forbidden_tokens():
         assert opd.fullkl_loss(s, t, mask, chunk).item() == pytest.approx(brute.item() / 2, rel=1e-5)
 
 
+def test_fullkl_keeps_one_chunk_at_a_time_for_backward():
+    """What autograd stores for fullkl_loss beyond its inputs: before the per-chunk checkpoint, every chunk's fp32
+    softmaxes (3.25x [B, T, V] fp32, whatever the chunk); now nothing of size [B, T, V]."""
+    B, T, V = 2, 64, 4000
+    logits, teacher = torch.randn(B, T, V, requires_grad=True), torch.randn(B, T, V)
+    inputs = {logits.untyped_storage().data_ptr(), teacher.untyped_storage().data_ptr()}
+    stored = {}
+
+    def pack(t):  # every tensor autograd saves for backward, counted once per storage, the inputs' own excluded
+        if t.untyped_storage().data_ptr() not in inputs:
+            stored[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+    for chunk in (4, 16, 64):
+        stored.clear()
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = opd.fullkl_loss(logits, teacher, torch.ones(B, T), chunk)
+        assert sum(stored.values()) < 0.01 * B * T * V * 4, (chunk, sum(stored.values()) / (B * T * V * 4))
+        loss.backward()  # and the recomputing backward still works
+    assert torch.isfinite(logits.grad).all()
+
+
 def test_fullkl_gradient_is_finite_with_forbidden_tokens():
     s = torch.randn(1, 3, 5, requires_grad=True)
     t = torch.randn(1, 3, 5)

@@ -1,7 +1,9 @@
 """tvdf.py: select() on crafted inputs for every strategy, and the CLI / inline curriculum on the reduced miniature."""
+import dataclasses
 import json
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -82,8 +84,33 @@ def test_cli_writes_a_loadable_subset(tiny, tmp_path):
 
 
 def test_inline_curriculum_two_rounds(tiny, tmp_path):
-    out = _run("opd.py", tiny, tmp_path, "--steps", "2", "--tvdf-rounds", "2", "--tvdf-k", "3", "--tvdf-tau", "0")
+    out = _run("opd.py", tiny, tmp_path, "--steps", "4", "--tvdf-rounds", "2", "--tvdf-k", "3", "--tvdf-tau", "0",
+               "--warmup-steps", "2", "--lr", "3e-4")
     assert out.count("TVDF round") == 2
     log = [json.loads(x) for x in open(tmp_path / "log.jsonl")]
-    assert [r["step"] for r in log if "loss" in r] == [1, 2] and {r["stage"] for r in log} == {"round1", "round2"}
+    steps = [r for r in log if "loss" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4] and {r["stage"] for r in log} == {"round1", "round2"}
+    # one AdamW and one warm-up across the rounds: round 2 does not restart at lr 1e-4 (it did before)
+    assert [r["lr"] for r in steps] == pytest.approx([2e-4, 3e-4, 3e-4, 3e-4])
     assert json.load(open(tmp_path / "teacher_iou.json"))  # cached for the next rounds
+
+
+def test_teacher_iou_cache_is_keyed_by_teacher_data_and_fps(tmp_path, monkeypatch):
+    """A cached IoU is reused only for the same teacher, fps and sample (video, query, span), not by id alone."""
+    calls = []
+
+    def fake_sample_ious(model, processor, samples, n=1, temperature=1.0, batch_size=16, desc="", fps=2.0,
+                         max_frames=256):
+        calls.append(len(samples))
+        return np.full(len(samples), fps / 10)
+    monkeypatch.setattr(tvdf, "sample_ious", fake_sample_ious)
+    cache = str(tmp_path / "teacher_iou.json")
+    pool = [data.Sample(f"/v/{i}.mp4", "the red circle", (1.0, 3.0), 8.0, f"v{i}#0") for i in range(3)]
+    teacher_a, teacher_b = SimpleNamespace(name_or_path="teacher-a"), SimpleNamespace(name_or_path="teacher-b")
+    assert tvdf.teacher_ious(teacher_a, None, pool, cache).tolist() == pytest.approx([0.2] * 3)
+    assert tvdf.teacher_ious(teacher_a, None, pool, cache).tolist() == pytest.approx([0.2] * 3) and calls == [3]
+    assert tvdf.teacher_ious(teacher_a, None, pool, cache, fps=1.0).tolist() == pytest.approx([0.1] * 3)
+    tvdf.teacher_ious(teacher_b, None, pool, cache)
+    other_data = [dataclasses.replace(pool[0], span=(2.0, 5.0))] + pool[1:]  # same id, another annotation
+    tvdf.teacher_ious(teacher_a, None, other_data, cache)
+    assert calls == [3, 3, 3, 1]
