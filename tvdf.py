@@ -119,7 +119,6 @@ def curriculum(args, student, processor, teacher, score, loss_fn):
         rest = np.setdiff1d(np.arange(len(pool)), chosen)
         s_iou = sample_ious(student, processor, [pool[i] for i in rest], desc=f"student (round {r + 1})",
                             fps=args.fps, max_frames=args.max_frames)
-        student.train()
         new = rest[select(t_iou[rest], s_iou, args.tvdf_k, args.tvdf_tau, args.tvdf_strategy, args.seed + r)]
         print(f"TVDF round {r + 1}: " + describe(t_iou[rest], s_iou, np.searchsorted(rest, new), args.tvdf_tau))
         chosen = np.concatenate([chosen, new])

@@ -126,14 +126,16 @@ def student_and_rollouts(tiny, padded_batch):
     return model, teacher, opd.append_completion(padded_batch, ids, mask), ids, mask, ev.forbidden_ids(processor)
 
 
-def test_bf16_and_gradient_checkpointing_run_the_readme_command(tiny, tmp_path):
+@pytest.mark.parametrize("script", ["opd.py", "grpo.py"])
+def test_bf16_and_gradient_checkpointing_run_the_readme_command(tiny, tmp_path, script):
     """The README's real-model flags together, on the miniature: the step runs and tracks the plain run."""
-    _run("opd.py", tiny, tmp_path / "plain", "--steps", "1", "--micro-batch", "4", "--num-workers", "2")
-    _run("opd.py", tiny, tmp_path / "gpu", "--steps", "1", "--micro-batch", "4", "--num-workers", "2", "--bf16",
+    _run(script, tiny, tmp_path / "plain", "--steps", "1", "--micro-batch", "4", "--num-workers", "2")
+    _run(script, tiny, tmp_path / "gpu", "--steps", "1", "--micro-batch", "4", "--num-workers", "2", "--bf16",
          "--gradient-checkpointing")
     (a,), (b,) = _steps(tmp_path / "plain"), _steps(tmp_path / "gpu")
     assert b["rollout_iou"] > 0 and b["rollout_iou"] == pytest.approx(a["rollout_iou"], abs=0.2)
-    assert b["loss"] == pytest.approx(a["loss"], rel=0.3)
+    if script == "opd.py":  # GRPO's loss is ~0 by construction (zero-mean advantages): nothing to compare
+        assert b["loss"] == pytest.approx(a["loss"], rel=0.3)
 
 
 # ----------------------------------------------------------------------------- micro-batch weighting
@@ -192,6 +194,7 @@ def test_off_policy_with_the_sampled_loss_is_refused(tmp_path):
     import subprocess
     import sys
     res = subprocess.run([sys.executable, "opd.py", "--rollouts", "teacher", "--loss", "sampled", "--out",
-                          str(tmp_path / "x")], cwd=opd.__file__.rsplit("/", 1)[0], capture_output=True, text=True)
+                          str(tmp_path / "x")], cwd=opd.__file__.rsplit("/", 1)[0], capture_output=True, text=True,
+                         timeout=300)  # before the check, this trained the whole default run
     assert res.returncode != 0 and "--loss fullkl" in res.stderr
     assert not (tmp_path / "x").exists()
