@@ -218,9 +218,23 @@ def test_smoke_two_steps_and_resume(tiny, tmp_path, loss):
         assert torch.allclose(a[k], b[k], atol=1e-6), k
 
 
-def test_off_policy_rollouts_from_teacher(tiny, tmp_path):
-    out = _run("opd.py", tiny, tmp_path, "--steps", "1", "--rollouts", "teacher")
-    assert "student after" in out
+@pytest.mark.parametrize("rollouts", ["student", "teacher"])
+def test_rollouts_are_sampled_by_the_model_named(tiny, tmp_path, monkeypatch, rollouts):
+    """--rollouts teacher (off-policy): every training rollout is the teacher's sample; on-policy, the student's.
+    Evaluations stay the student's (and the teacher's) greedy answers."""
+    real, samplers = ev.generate, []
+
+    def recording(model, processor, batch, max_new_tokens=32, temperature=None):
+        if temperature is not None:  # a sampled rollout, not a greedy evaluation
+            samplers.append(model.name_or_path)
+        return real(model, processor, batch, max_new_tokens, temperature)
+    monkeypatch.setattr(ev, "generate", recording)
+    monkeypatch.setattr(sys, "argv", [
+        "opd.py", "--student", tiny["student"], "--teacher", tiny["teacher"], "--data", tiny["train"], "--eval-data",
+        tiny["test"], "--out", str(tmp_path / "run"), "--steps", "2", "--prompts-per-step", "4", "--micro-batch", "2",
+        "--max-new-tokens", "8", "--eval-limit", "2", "--num-workers", "0", "--loss", "fullkl", "--rollouts", rollouts])
+    opd.main()
+    assert samplers == [tiny[rollouts]] * 4  # 2 steps x 2 micro-batches
 
 
 def test_mismatched_tokenizers_are_refused():
