@@ -30,7 +30,27 @@ class Sample:
 
 
 class DataError(ValueError):
-    """Bad input, with a message that names the file (and line or key)."""
+    """Bad input (a file, a flag, a model path), with a message that names it (and the line or key)."""
+
+
+def refuse(message):
+    """For argparse's error(): a bad flag is a DataError, so one line on stderr and exit code 2 (run), not the
+    whole usage text."""
+    raise DataError(message)
+
+
+def run(main):
+    """Every script's entry point: bad input (DataError) is one line on stderr and exit code 2, a traceback is
+    kept for bugs. (During training, opd.train handles Ctrl-C and SIGTERM itself: it saves, then stops.)"""
+    import sys
+    try:
+        main()
+    except DataError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        raise SystemExit(130)
 
 
 # ----------------------------------------------------------------------------- annotations
@@ -132,6 +152,22 @@ def load_annotations(path, video_root=None, video_ext=".mp4"):
         print(f"{path}: clamped {clamped} span ends to the video duration, dropped {dropped} spans with start >= end")
     if not samples:
         raise DataError(f"{path}: no usable spans")
+    return samples
+
+
+def load_samples(path, video_root=None, skip_bad=False):
+    """load_annotations, every video checked to exist. Missing videos are a DataError naming how many and the
+    first few; with skip_bad those samples are left out (and counted)."""
+    samples = load_annotations(path, video_root)
+    missing = [s for s in samples if not os.path.exists(s.video)]
+    if missing and not skip_bad:
+        raise DataError(f"{path}: {len(missing)} of {len(samples)} videos not found, e.g. "
+                        + ", ".join(s.video for s in missing[:3]) + " (--skip-bad goes on without them)")
+    if missing:
+        print(f"{path}: skipping {len(missing)} of {len(samples)} samples whose video is missing")
+        samples = [s for s in samples if os.path.exists(s.video)]
+        if not samples:
+            raise DataError(f"{path}: no sample has its video")
     return samples
 
 

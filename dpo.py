@@ -129,13 +129,11 @@ def prompt_of(seq, T):
 
 
 def main():
-    args = opd.cli(DPOArgs, MINIATURE)
-    if args.resume:
-        raise SystemExit("dpo.py runs its curriculum as separate opd.train stages: --resume is not supported")
-    if args.perturbation not in KINDS + ("mix",):
-        raise SystemExit(f"--perturbation must be one of {KINDS + ('mix',)}")
+    # no --resume: the curriculum runs as separate opd.train stages
+    args = opd.cli(DPOArgs, MINIATURE, drop=opd.DISTILLATION_ONLY + ("resume",),
+                   choices={"perturbation": KINDS + ("mix",)})
     opd.init_distributed()
-    opd.resolve_miniature(args)
+    opd.start_run(args, models=("student",))
     torch.manual_seed(args.seed)
     student, processor = opd.load_student(args)
     ref, _ = ev.load_model(args.student, device=opd.load_device())  # the frozen initial student: DPO's reference
@@ -188,4 +186,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    data.run(main)

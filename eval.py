@@ -1,10 +1,11 @@
 """Decoding and the field's metrics for temporal video grounding.
 
-    python eval.py [--model M] [--data ANNOTATIONS] [--video-root DIR] [--out preds.jsonl]
-    python eval.py --compare runs/opd runs/grpo [...] [--target MIOU] [--compare-out NAME]
+    python eval.py [--model M] [--data ANNOTATIONS] [--video-root DIR] [--out runs/eval/NAME]
+    python eval.py --compare runs/opd runs/grpo [...] [--target MIOU] [--compare-out runs/compare]
 
 With no --model/--data it evaluates the miniature teacher on the miniature test set (built on first use).
-Prints R1@0.3/0.5/0.7 and mIoU; writes one JSON line per query; an interrupted run resumes from that file.
+Prints R1@0.3/0.5/0.7 and mIoU; writes one JSON line per query to OUT/preds.jsonl beside OUT/setup.json (model,
+data, decoding settings); an interrupted run resumes there, and only with the same setup.
 --compare reads training runs' log.jsonl files and prints/plots their evaluation curves side by side.
 """
 import argparse
@@ -60,6 +61,19 @@ def load_model(name_or_path, device=None, dtype=None):
     processor = AutoProcessor.from_pretrained(name_or_path)
     model = AutoModelForImageTextToText.from_pretrained(name_or_path, dtype=dtype).to(device).eval()
     return model, processor
+
+
+def check_model(flag, name):
+    """A model is an existing folder holding config.json or a hub id ("org/name"); else a DataError saying which
+    (before anything loads: from_pretrained's own error for a missing folder is about hub ids)."""
+    if os.path.isdir(name):
+        if not os.path.exists(os.path.join(name, "config.json")):
+            raise data.DataError(f"--{flag} {name}: the folder holds no config.json (not a saved model)")
+    elif os.path.exists(name) or name.startswith((".", "/", "~")) or name.count("/") != 1:
+        raise data.DataError(f"--{flag} {name}: no such model folder" + (
+            "" if name.count("/") == 1 else " (and not a hub id of the form org/name)"))
+    elif not re.fullmatch(r"[\w.-]+/[\w.-]+", name):
+        raise data.DataError(f"--{flag} {name}: not a hub id (org/name of letters, digits, '-', '_', '.')")
 
 
 def forbidden_ids(processor):
@@ -247,35 +261,61 @@ def compare(runs, out="compare", target=None):
 # ----------------------------------------------------------------------------- CLI
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.error = data.refuse
     p.add_argument("--model", help="hub id or local folder (default: the miniature teacher)")
     p.add_argument("--data", help="annotation file, any format data.load_annotations reads (default: miniature test)")
     p.add_argument("--video-root", help="folder holding the videos (default: the annotation file's folder)")
-    p.add_argument("--out", default="preds.jsonl", help="one JSON line per query; an existing file is resumed")
+    p.add_argument("--out", help="run folder: preds.jsonl (one JSON line per query), setup.json, metrics.json; "
+                   "an unfinished one is resumed (default: runs/eval/MODEL-DATA)")
+    p.add_argument("--overwrite", action="store_true", help="start afresh in an --out that holds other predictions")
     p.add_argument("--batch-size", type=int, default=8, help="queries per generate call")
     p.add_argument("--max-new-tokens", type=int, default=32, help="answer length limit")
     p.add_argument("--fps", type=float, default=2.0, help="frames per second sampled from each video")
     p.add_argument("--max-frames", type=int, default=256, help="frame cap per video")
-    p.add_argument("--skip-bad", action="store_true", help="skip unreadable videos (counted) instead of stopping")
+    p.add_argument("--skip-bad", action="store_true", help="skip missing or unreadable videos (counted) instead of "
+                   "stopping")
     p.add_argument("--compare", nargs="+", metavar="RUN", help="compare training runs (folders with log.jsonl)")
-    p.add_argument("--compare-out", default="compare", help="writes COMPARE_OUT.json and COMPARE_OUT.png")
+    p.add_argument("--compare-out", default="runs/compare", help="writes COMPARE_OUT.json and COMPARE_OUT.png")
     p.add_argument("--target", type=float, help="time-to-target mIoU (default: the weakest run's best)")
     args = p.parse_args()
     if args.compare:
+        os.makedirs(os.path.dirname(os.path.abspath(args.compare_out)), exist_ok=True)
         return compare(args.compare, args.compare_out, args.target)
+    for flag in ("batch_size", "max_new_tokens", "max_frames"):
+        if getattr(args, flag) < 1:
+            raise data.DataError(f"--{flag.replace('_', '-')} must be >= 1 (got {getattr(args, flag)})")
+    if args.model:
+        check_model("model", args.model)
     if not args.model or not args.data:
         import toy
         paths = toy.ensure()
         args.model, args.data = args.model or paths["teacher"], args.data or paths["test"]
-    samples = data.load_annotations(args.data, args.video_root)
+    samples = data.load_samples(args.data, args.video_root, args.skip_bad)
+    # the predictions belong to what produced them: resuming with another model, data or decoding never mixes
+    setup = {"model": os.path.abspath(args.model) if os.path.isdir(args.model) else args.model,
+             "data": os.path.abspath(args.data), "video_root": args.video_root, "max_new_tokens": args.max_new_tokens,
+             "fps": args.fps, "max_frames": args.max_frames}
+    name = lambda path: os.path.splitext(os.path.basename(path.rstrip("/")))[0]
+    out = args.out or os.path.join("runs", "eval", f"{name(args.model)}-{name(args.data)}")
+    preds = os.path.join(out, "preds.jsonl")
     done = []
-    if os.path.exists(args.out):  # resume: keep finished queries, answer the rest
-        with open(args.out) as f:
+    if os.path.exists(preds) and not args.overwrite:
+        saved = os.path.join(out, "setup.json")
+        before = json.load(open(saved)) if os.path.exists(saved) else {}
+        if before != setup:
+            diff = ", ".join(f"{k} {before.get(k)!r} -> {v!r}" for k, v in setup.items() if before.get(k) != v)
+            raise data.DataError(f"{out} holds predictions made with other settings ({diff}): --overwrite starts "
+                                 "afresh, or choose another --out")
+        with open(preds) as f:
             done = [json.loads(line) for line in f if line.strip()]
-        print(f"resuming: {len(done)} of {len(samples)} queries already in {args.out}")
+        print(f"resuming: {len(done)} of {len(samples)} queries already in {preds}")
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "setup.json"), "w") as f:
+        json.dump(setup, f, indent=1)
     finished = {r["id"] for r in done}
     todo = [s for s in samples if s.id not in finished]
     model, processor = load_model(args.model)
-    with open(args.out, "a") as f:
+    with open(preds, "w" if args.overwrite else "a") as f:
         for i in tqdm(range(0, len(todo), args.batch_size), desc="eval"):
             for row in predict(model, processor, todo[i:i + args.batch_size], args.batch_size, args.max_new_tokens,
                                args.skip_bad, fps=args.fps, max_frames=args.max_frames):
@@ -283,8 +323,11 @@ def main():
                 done.append(row)
             f.flush()
     metrics = compute_metrics([r["pred"] for r in done], [r["gt"] for r in done])
+    with open(os.path.join(out, "metrics.json"), "w") as f:
+        json.dump(metrics | {"queries": len(done)}, f, indent=1)
     print(format_table({os.path.basename(args.model.rstrip("/")) + f" ({len(done)} queries)": metrics}))
+    print(f"wrote {out}/preds.jsonl and metrics.json")
 
 
 if __name__ == "__main__":
-    main()
+    data.run(main)

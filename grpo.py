@@ -106,9 +106,9 @@ def ema_update(teacher, student, decay):
 
 
 def main():
-    args = opd.cli(GRPOArgs, MINIATURE)
+    args = opd.cli(GRPOArgs, MINIATURE, drop=opd.DISTILLATION_ONLY)
     opd.init_distributed()
-    opd.resolve_miniature(args)
+    opd.start_run(args, models=("student",))
     torch.manual_seed(args.seed)
     student, processor = opd.load_student(args)
     forbidden = ev.forbidden_ids(processor)
@@ -152,4 +152,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    data.run(main)

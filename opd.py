@@ -20,6 +20,7 @@ import functools
 import json
 import os
 import random
+import signal
 import time
 from dataclasses import dataclass
 
@@ -61,13 +62,15 @@ class Args:
     num_workers: int = 1            # DataLoader processes decoding the next steps' videos (0: in the main process)
     eval_every: int = 20            # greedy evaluation every N steps (0: only before and after)
     eval_limit: int = 0             # evaluate on the first N test queries only (0: all)
-    save_every: int = 50            # checkpoint every N steps (and at the end)
+    save_every: int = 50            # checkpoint every N steps, at the end, and on Ctrl-C / SIGTERM
     resume: bool = False            # continue the run in --out from its checkpoint
+    overwrite: bool = False         # replace the run already in --out (without it or --resume: refused)
+    skip_bad: bool = False          # train without samples whose video file is missing (else: refused)
     seed: int = 0                   # seeds prompt order, sampling and init
     tvdf_rounds: int = 0            # TVDF curriculum rounds inline (0: off; see tvdf.py)
     tvdf_k: int = 0                 # samples added to the pool per TVDF round
     tvdf_tau: float = 0.5           # TRPV: drop samples whose teacher IoU is below this (see tvdf.py)
-    tvdf_strategy: str = "topk"     # DBTP variant: topk | dsus | bbds | gwds
+    tvdf_strategy: str = "topk"     # DBTP variant: topk | dsus | bbds | gwds | random
     tvdf_pool: int = 0              # candidate pool: the first N training samples (0: all)
     va: bool = False                # VA-OPD: weight rollouts and tokens by the teacher's visual advantage
     va_top: float = 0.2             # VA-OPD: share of each rollout's tokens in the high-VA group
@@ -83,26 +86,84 @@ MINIATURE = dict(steps=200, prompts_per_step=16, micro_batch=16, lr=1e-3, warmup
                  loss="fullkl", eval_every=25, save_every=100, tvdf_pool=512)
 
 
-def cli(cls, miniature):
-    """Command line -> cls instance: every dataclass field is a flag; the miniature's values fill in what the
-    user did not give when no models/data are named."""
+# The flags that take one of a few values (a typo must not fall back to a default)
+CHOICES = dict(loss=("sampled", "fullkl"), rollouts=("student", "teacher"),
+               tvdf_strategy=("topk", "dsus", "bbds", "gwds", "random"))
+# Lower bounds of the numeric flags: (bound, True if the bound itself is allowed)
+BOUNDS = dict(steps=(1, True), prompts_per_step=(1, True), rollouts_per_prompt=(1, True), micro_batch=(1, True),
+              lr=(0, False), warmup_steps=(0, True), weight_decay=(0, True), grad_clip=(0, False),
+              temperature=(0, False), max_new_tokens=(1, True), kl_chunk=(1, True), fps=(0, False),
+              max_frames=(2, True), num_workers=(0, True), eval_every=(0, True), eval_limit=(0, True),
+              save_every=(1, True), tvdf_rounds=(0, True), tvdf_k=(0, True), tvdf_pool=(0, True),
+              va_top=(0, False), va_scale=(0, False), group_size=(1, True), ppo_epochs=(1, True),
+              clip_eps=(0, False), beta=(0, True), visd_clip=(0, False))
+
+
+# What only opd.py's distillation uses: grpo.py and dpo.py leave these out of their command lines
+DISTILLATION_ONLY = ("teacher", "loss", "rollouts", "rollouts_per_prompt", "kl_chunk", "va", "va_top", "va_scale",
+                     "tvdf_rounds", "tvdf_k", "tvdf_tau", "tvdf_strategy", "tvdf_pool")
+
+
+def cli(cls, miniature, drop=(), choices=None):
+    """Command line -> cls instance: every dataclass field but `drop` is a flag; the miniature's values fill in
+    what the user did not give when no models/data are named. Bad values are a DataError before anything runs."""
     import inspect, re, sys
     helps = {}  # the comment beside each field is its --help line
     for c in reversed(cls.__mro__[:-1]):
         helps |= dict(re.findall(r"^    (\w+): .*?#\s*(.*)$", inspect.getsource(c), re.M))
     doc = sys.modules[cls.__module__].__doc__
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in dataclasses.fields(cls):
-        flag = "--" + f.name.replace("_", "-")
-        if f.type is bool:
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
-                           help=f"{helps.get(f.name, '')} (default: {f.default})")
-        else:
-            p.add_argument(flag, type=f.type if f.type in (int, float) else str, default=argparse.SUPPRESS,
-                           help=f"{helps.get(f.name, '')} (default: {f.default})")
+    p.error = data.refuse  # one line, not the whole usage
+    fields = [f for f in dataclasses.fields(cls) if f.name not in drop]
+    for f in fields:
+        default = f"default: {f.default}" if f.name not in miniature else \
+            f"default: {miniature[f.name]} on the miniature, {f.default} with --student/--data"
+        kind = dict(action=argparse.BooleanOptionalAction) if f.type is bool else dict(
+            type=f.type if f.type in (int, float) else str, choices=(CHOICES | (choices or {})).get(f.name))
+        p.add_argument("--" + f.name.replace("_", "-"), default=argparse.SUPPRESS,
+                       help=f"{helps.get(f.name, '')} ({default})", **kind)
     given = vars(p.parse_args())
+    for name, value in given.items():
+        low, inclusive = BOUNDS.get(name, (None, True))
+        if low is not None and (value < low or (value == low and not inclusive)):
+            raise data.DataError(f"--{name.replace('_', '-')} must be {'>=' if inclusive else '>'} {low} (got {value})")
     on_miniature = not any(given.get(k) for k in ("student", "teacher", "data"))
-    return cls(**{**(miniature if on_miniature else {}), **given})
+    args = cls(**{**(miniature if on_miniature else {}), **given})
+    names = {f.name for f in fields}
+    settings = ", ".join(f"{k.replace('_', ' ')} {getattr(args, k)}" for k in (
+        "steps", "lr", "loss", "prompts_per_step", "group_size", "max_new_tokens") if k in names)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun: once
+        print(("miniature (no --student/--teacher/--data): " if on_miniature else "paper defaults where not given: ")
+              + settings)
+    return args
+
+
+def start_run(args, models=("student", "teacher")):
+    """Everything that can be wrong with a run's inputs, checked before a model loads or --out is touched:
+    the models named, the annotations and their videos, and the run folder (an earlier run in --out is refused
+    unless --resume continues it or --overwrite replaces it). Builds the miniature on first use."""
+    for flag in models:  # what the user named, before the miniature fills in the rest (and is built, once)
+        if getattr(args, flag):
+            ev.check_model(flag, getattr(args, flag))
+    resolve_miniature(args)
+    for flag in models:
+        if not getattr(args, flag):
+            raise data.DataError(f"--{flag} is needed with your own --student / --data")
+    data.load_samples(args.data, args.video_root, args.skip_bad)
+    if args.eval_data:
+        data.load_samples(args.eval_data, args.video_root, args.skip_bad)
+    if args.resume:
+        if not os.path.exists(f"{args.out}/checkpoint/state.pt"):
+            raise data.DataError(f"--resume: no checkpoint in {args.out}/checkpoint")
+    elif os.path.isdir(args.out) and os.listdir(args.out):
+        if not args.overwrite:
+            raise data.DataError(f"{args.out} already holds a run: --resume continues it, --overwrite replaces it, "
+                                 "or choose another --out")
+        if rank() == 0:
+            import shutil
+            shutil.rmtree(args.out)
+        barrier()
+    return args
 
 
 # ----------------------------------------------------------------------------- rollout and scoring machinery
@@ -423,8 +484,8 @@ def train(args, student, processor, score, loss_fn, rollout_model=None, group=1,
     rollout_model = rollout_model or student
     if args.prompts_per_step % world():  # every rank must run the same number of micro-batches (FSDP)
         raise ValueError(f"--prompts-per-step {args.prompts_per_step} must be divisible by the {world()} processes")
-    samples = pool if pool is not None else data.load_annotations(args.data, args.video_root)
-    test = data.load_annotations(args.eval_data, args.video_root) if args.eval_data else None
+    samples = pool if pool is not None else data.load_samples(args.data, args.video_root, args.skip_bad)
+    test = data.load_samples(args.eval_data, args.video_root, args.skip_bad) if args.eval_data else None
     test = test[:args.eval_limit] if test and args.eval_limit else test
     forbidden = ev.forbidden_ids(processor)
     params = [p for p in student.parameters() if p.requires_grad]
@@ -436,6 +497,9 @@ def train(args, student, processor, score, loss_fn, rollout_model=None, group=1,
         load_optimizer_state(student, opt, state["optimizer"]), sched.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["torch_rng"])
         start, wall = state["step"], state["wall"]
+        if start >= args.steps:  # nothing to train: the finished run stays as it is
+            raise data.DataError(f"--resume: {args.out} has trained {start} of --steps {args.steps}; raise --steps "
+                                 "to continue it")
     kept = []  # on resume: the log up to the checkpoint (a killed run may have logged steps after it)
     if args.resume and os.path.exists(f"{args.out}/log.jsonl"):
         kept = [r for r in map(json.loads, open(f"{args.out}/log.jsonl")) if r["step"] <= start]
@@ -463,6 +527,9 @@ def train(args, student, processor, score, loss_fn, rollout_model=None, group=1,
                                          batch_size=None, num_workers=args.num_workers,
                                          collate_fn=functools.partial(prepare, args, processor, group))
     upcoming = iter(loader)
+    # Ctrl-C or SIGTERM: finish this step, save a checkpoint, stop (a second Ctrl-C stops at once)
+    stop = []
+    previous = {sig: signal.signal(sig, functools.partial(_interrupt, stop)) for sig in (signal.SIGINT, signal.SIGTERM)}
     for step in bar:
         t0, timing = time.time(), dict(generate=0.0, student=0.0, teacher=0.0)
         prepared = next(upcoming)  # waits only if the workers are behind (with --num-workers 0: does the work)
@@ -529,12 +596,27 @@ def train(args, student, processor, score, loss_fn, rollout_model=None, group=1,
         bar.set_postfix(loss=f"{loss:.3f}", kl=f"{kl:.3f}", iou=f"{iou:.3f}")
         if test and args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < args.steps:
             evals.append(evaluate(step + 1))
-        if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
+        if (step + 1) % args.save_every == 0 or step + 1 == args.steps or stop:
             save(args, student, processor, opt, sched, step + 1, wall)
+        if stop:
+            break
+    for sig, handler in previous.items():
+        signal.signal(sig, handler)
+    if stop:
+        log.close()
+        raise SystemExit(f"interrupted: checkpoint at step {step + 1} in {args.out}/checkpoint; continue with --resume")
     if test and (not evals or evals[-1]["step"] < args.steps):
         evals.append(evaluate(args.steps))
     log.close()
     return evals
+
+
+def _interrupt(stop, signum, frame):
+    """Signal handler of train: the first signal asks the loop to stop after this step, a second stops now."""
+    if stop:
+        raise KeyboardInterrupt
+    stop.append(signum)
+    tqdm.write("stopping after this step (Ctrl-C again to stop now)")
 
 
 def make_optimizer(args, student):
@@ -604,10 +686,10 @@ def main():
     if args.rollouts == "teacher" and args.loss == "sampled" and not args.va:
         # the score-function gradient on the teacher's samples is the gradient of no divergence: off-policy
         # distillation is the full-vocabulary KL on the teacher's tokens (GKD with lambda 0)
-        raise SystemExit("--rollouts teacher needs --loss fullkl: Eq. 6's sampled estimator is only a KL gradient "
-                         "on the student's own samples")
+        raise data.DataError("--rollouts teacher needs --loss fullkl: Eq. 6's sampled estimator is only a KL "
+                             "gradient on the student's own samples")
     init_distributed()
-    resolve_miniature(args)
+    start_run(args)
     torch.manual_seed(args.seed)
     student, processor = load_student(args)
     teacher, teacher_processor = ev.load_model(args.teacher, device=load_device())
@@ -659,4 +741,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    data.run(main)

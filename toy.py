@@ -252,7 +252,7 @@ def sft(model, processor, samples, videos, steps, cfg, desc, val=None, stop=None
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / 50) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
     metrics = None
-    bar = tqdm(range(1, steps + 1), desc=desc)
+    bar = tqdm(range(1, steps + 1), desc=f"{desc} (up to {steps} steps)" if stop else desc)
     for step in bar:
         model.train()
         idx = rng.sample(range(len(items)), cfg.batch)
@@ -348,4 +348,4 @@ if __name__ == "__main__":
     p.add_argument("--out", default="runs/toy", help="where the miniature is built and cached")
     p.add_argument("--reduced", action="store_true", help="the seconds-long build the tests use")
     a = p.parse_args()
-    build(a.out, ToyConfig.reduced() if a.reduced else ToyConfig())
+    data.run(lambda: build(a.out, ToyConfig.reduced() if a.reduced else ToyConfig()))

@@ -1,7 +1,7 @@
 """TVDF, Teacher-Validated Disagreement Focusing: the paper's training-data curriculum.
 
-    python tvdf.py --k 256 --tau 0.5 --strategy topk --out selected.jsonl       # on the miniature's training pool
-    python tvdf.py --student S --teacher T --data POOL --k 2500 --tau 0.5 --out selected.jsonl
+    python tvdf.py --k 256 --tau 0.5 --strategy topk          # the miniature's pool -> runs/tvdf/selected.jsonl
+    python tvdf.py --student S --teacher T --data POOL --k 2500 --tau 0.5 --out runs/tvdf-charades/selected.jsonl
     python opd.py --tvdf-rounds 3 --tvdf-k 2500                                 # the multi-round curriculum inline
 
 TRPV (teacher-reliability pre-validation): drop samples whose teacher IoU with the ground truth is below tau;
@@ -19,7 +19,7 @@ import data
 import eval as ev
 import opd
 
-STRATEGIES = ("topk", "dsus", "bbds", "gwds", "random")
+STRATEGIES = opd.CHOICES["tvdf_strategy"]
 
 
 def select(teacher_iou, student_iou, k, tau, strategy="topk", seed=0):
@@ -106,7 +106,7 @@ def curriculum(args, student, processor, teacher, score, loss_fn):
     """opd.py --tvdf-rounds R --tvdf-k K: R rounds of (select K more with the current student, train on the
     cumulative pool for steps / R steps), through opd.train_in_stages: rounds in OUT/roundN/, one joined
     OUT/log.jsonl. Returns the evaluation records like opd.train."""
-    pool = data.load_annotations(args.data, args.video_root)
+    pool = data.load_samples(args.data, args.video_root, args.skip_bad)
     pool = pool[:args.tvdf_pool] if args.tvdf_pool else pool
     os.makedirs(args.out, exist_ok=True)  # for the teacher's cached IoUs
     t_iou = teacher_ious(teacher, processor, pool, f"{args.out}/teacher_iou.json", fps=args.fps,
@@ -130,6 +130,7 @@ def curriculum(args, student, processor, teacher, score, loss_fn):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.error = data.refuse
     p.add_argument("--student", help="the current student (default: the miniature student)")
     p.add_argument("--teacher", help="the teacher (default: the miniature teacher)")
     p.add_argument("--data", help="the candidate pool, any annotation format (default: miniature train)")
@@ -143,10 +144,20 @@ def main():
     p.add_argument("--teacher-samples", type=int, default=1, help="TRPV predictions per sample: greedy + n-1 sampled")
     p.add_argument("--strategy", default="topk", choices=STRATEGIES, help="DBTP variant (paper default: topk)")
     p.add_argument("--seed", type=int, default=0, help="seed for the sampling strategies")
-    p.add_argument("--out", default="selected.jsonl", help="the chosen subset, in the plain JSONL format")
-    args = opd.resolve_miniature(p.parse_args())
-    pool = data.load_annotations(args.data, args.video_root)
+    p.add_argument("--out", default="runs/tvdf/selected.jsonl", help="the chosen subset, in the plain JSONL format "
+                   "(the teacher's IoUs are cached beside it, in OUT.teacher_iou.json)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.add_argument("--skip-bad", action="store_true", help="leave out samples whose video file is missing")
+    args = p.parse_args()
+    for flag in ("student", "teacher"):
+        if getattr(args, flag):
+            ev.check_model(flag, getattr(args, flag))
+    opd.resolve_miniature(args)
+    pool = data.load_samples(args.data, args.video_root, args.skip_bad)
     pool = pool[:args.pool] if args.pool else pool
+    if os.path.exists(args.out) and not args.overwrite:
+        raise data.DataError(f"{args.out} exists: --overwrite replaces it, or choose another --out")
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     teacher, processor = ev.load_model(args.teacher)
     t_iou = teacher_ious(teacher, processor, pool, os.path.splitext(args.out)[0] + ".teacher_iou.json",
                          args.teacher_samples)
@@ -160,4 +171,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    data.run(main)

@@ -13,7 +13,8 @@ from test_opd import ROOT, _run, _weights
 def _torchrun(script, tiny, out, *extra):
     """_run's command under `torchrun --nproc_per_node 2` (one CPU thread per process)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", script,
-           "--student", tiny["student"], "--teacher", tiny["teacher"], "--data", tiny["train"],
+           "--student", tiny["student"], *(("--teacher", tiny["teacher"]) if script == "opd.py" else ()),
+           "--data", tiny["train"],
            "--eval-data", tiny["test"], "--out", str(out), "--prompts-per-step", "4", "--micro-batch", "2",
            "--lr", "1e-3", "--max-new-tokens", "8", "--eval-limit", "4", *extra]
     res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
