@@ -153,8 +153,13 @@ def start_run(args, models=("student", "teacher")):
     if args.eval_data:
         data.load_samples(args.eval_data, args.video_root, args.skip_bad)
     if args.resume:
-        if not os.path.exists(f"{args.out}/checkpoint/state.pt"):
+        if not os.path.exists(f"{args.out}/checkpoint/step.json"):
             raise data.DataError(f"--resume: no checkpoint in {args.out}/checkpoint")
+        with open(f"{args.out}/checkpoint/step.json") as f:
+            done = json.load(f)["step"]
+        if done >= args.steps:  # nothing to train: the finished run stays as it is
+            raise data.DataError(f"--resume: {args.out} has trained {done} of --steps {args.steps}; raise --steps "
+                                 "to continue it")
     elif os.path.isdir(args.out) and os.listdir(args.out):
         if not args.overwrite:
             raise data.DataError(f"{args.out} already holds a run: --resume continues it, --overwrite replaces it, "
@@ -497,9 +502,6 @@ def train(args, student, processor, score, loss_fn, rollout_model=None, group=1,
         load_optimizer_state(student, opt, state["optimizer"]), sched.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["torch_rng"])
         start, wall = state["step"], state["wall"]
-        if start >= args.steps:  # nothing to train: the finished run stays as it is
-            raise data.DataError(f"--resume: {args.out} has trained {start} of --steps {args.steps}; raise --steps "
-                                 "to continue it")
     kept = []  # on resume: the log up to the checkpoint (a killed run may have logged steps after it)
     if args.resume and os.path.exists(f"{args.out}/log.jsonl"):
         kept = [r for r in map(json.loads, open(f"{args.out}/log.jsonl")) if r["step"] <= start]
@@ -635,6 +637,8 @@ def save(args, student, processor, opt, sched, step, wall):
     if rank() == 0:
         torch.save({"optimizer": state, "scheduler": sched.state_dict(), "torch_rng": torch.get_rng_state(),
                     "step": step, "wall": wall, "args": dataclasses.asdict(args)}, f"{path}/state.pt")
+        with open(f"{path}/step.json", "w") as f:  # what --resume checks before loading anything
+            json.dump({"step": step}, f)
     barrier()  # nobody reads the checkpoint before rank 0 has written it
 
 
