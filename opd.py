@@ -138,13 +138,18 @@ def cli(cls, miniature, drop=(), choices=None):
     return args
 
 
+def check_models(args, flags):
+    """ev.check_model for each of these flags the user gave."""
+    for flag in flags:
+        if getattr(args, flag):
+            ev.check_model(flag, getattr(args, flag))
+
+
 def start_run(args, models=("student", "teacher")):
     """Everything that can be wrong with a run's inputs, checked before a model loads or --out is touched:
     the models named, the annotations and their videos, and the run folder (an earlier run in --out is refused
     unless --resume continues it or --overwrite replaces it). Builds the miniature on first use."""
-    for flag in models:  # what the user named, before the miniature fills in the rest (and is built, once)
-        if getattr(args, flag):
-            ev.check_model(flag, getattr(args, flag))
+    check_models(args, models)  # what the user named, before the miniature fills in the rest (built once)
     resolve_miniature(args)
     for flag in models:
         if not getattr(args, flag):

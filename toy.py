@@ -168,14 +168,19 @@ def make_processor(out, cfg):
 
 
 # ----------------------------------------------------------------------------- 3. models
+def vision_token_ids(tok):
+    """The config's ids of the vision special tokens, from the tokenizer: {image_token_id: ..., ...}."""
+    return {k: tok.convert_tokens_to_ids(v) for k, v in (("image_token_id", "<|image_pad|>"),
+            ("video_token_id", "<|video_pad|>"), ("vision_start_token_id", "<|vision_start|>"),
+            ("vision_end_token_id", "<|vision_end|>"))}
+
+
 def make_model(processor, size, seed):
     """A random-init Qwen3VLForConditionalGeneration; size = (text hidden, text layers, vision hidden, depth)."""
     from transformers import AutoModelForImageTextToText, Qwen3VLConfig
     hidden, layers, v_hidden, depth = size
     tok = processor.tokenizer
-    ids = {k: tok.convert_tokens_to_ids(v) for k, v in (("image_token_id", "<|image_pad|>"),
-           ("video_token_id", "<|video_pad|>"), ("vision_start_token_id", "<|vision_start|>"),
-           ("vision_end_token_id", "<|vision_end|>"))}
+    ids = vision_token_ids(tok)
     head_dim = 16
     config = Qwen3VLConfig(
         text_config=dict(vocab_size=len(tok), hidden_size=hidden, intermediate_size=hidden * 3,

@@ -149,9 +149,7 @@ def main():
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.add_argument("--skip-bad", action="store_true", help="leave out samples whose video file is missing")
     args = p.parse_args()
-    for flag in ("student", "teacher"):
-        if getattr(args, flag):
-            ev.check_model(flag, getattr(args, flag))
+    opd.check_models(args, ("student", "teacher"))
     opd.resolve_miniature(args)
     pool = data.load_samples(args.data, args.video_root, args.skip_bad)
     pool = pool[:args.pool] if args.pool else pool

@@ -52,16 +52,15 @@ REAL_VIDEO = dict(size={"longest_edge": 25_165_824, "shortest_edge": 4096}, patc
 def build_model(folder, real, text_layers, vision_layers, processor):
     """save_pretrained a random-init model of `real`'s dimensions at the given depths, with `processor`."""
     import torch
+    import toy
     from transformers import AutoModelForImageTextToText, Qwen3VLConfig
     tok = processor.tokenizer
-    ids = {k: tok.convert_tokens_to_ids(v) for k, v in (("image_token_id", "<|image_pad|>"),
-           ("video_token_id", "<|video_pad|>"), ("vision_start_token_id", "<|vision_start|>"),
-           ("vision_end_token_id", "<|vision_end|>"))}
-    full = real["vision"]["depth"]
-    taps = sorted({min(vision_layers - 1, i * vision_layers // full) for i in real["vision"]["deepstack_visual_indexes"]})
-    config = Qwen3VLConfig(text_config=real["text"] | dict(num_hidden_layers=text_layers, pad_token_id=tok.pad_token_id),
-                           vision_config=real["vision"] | dict(depth=vision_layers, deepstack_visual_indexes=taps),
-                           tie_word_embeddings=real["tie_word_embeddings"], **ids)
+    full, vision = real["vision"]["depth"], real["vision"]
+    taps = sorted({min(vision_layers - 1, i * vision_layers // full) for i in vision["deepstack_visual_indexes"]})
+    config = Qwen3VLConfig(text_config=real["text"] | dict(num_hidden_layers=text_layers,
+                                                           pad_token_id=tok.pad_token_id),
+                           vision_config=vision | dict(depth=vision_layers, deepstack_visual_indexes=taps),
+                           tie_word_embeddings=real["tie_word_embeddings"], **toy.vision_token_ids(tok))
     torch.manual_seed(0)
     model = AutoModelForImageTextToText.from_config(config)
     model.generation_config.eos_token_id = tok.convert_tokens_to_ids("<|im_end|>")
