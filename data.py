@@ -216,9 +216,11 @@ def load_video(path, fps=2.0, max_frames=256):
 
 
 # ----------------------------------------------------------------------------- prompt and answer
-def prompt_messages(query):
-    """The chat for one query: a video, then the TimeLens instruction."""
-    return [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": PROMPT.format(query=query)}]}]
+def prompt_messages(query, feedback=None):
+    """The chat for one query: a video, then the TimeLens instruction (then, for VISD's teacher, a judge's feedback
+    on an answer: at the end of the user turn, where VISD's code puts its hint block, just before the answer)."""
+    text = PROMPT.format(query=query) + (f"\n{feedback}" if feedback else "")
+    return [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": text}]}]
 
 
 _NUM = r"(\d+(?::\d{1,2}){0,2}(?:\.\d+)?)"  # 12.5 | 1:05 | 01:02:03.5
@@ -243,18 +245,19 @@ def parse_span(text):
 
 
 # ----------------------------------------------------------------------------- model inputs
-def encode(processor, samples, videos, answers=None):
+def encode(processor, samples, videos, answers=None, feedback=None):
     """Samples + decoded videos -> one left-padded batch for the model, through its own processor.
 
     videos: list of (frames [N, H, W, 3], metadata) from load_video, one per sample.
     answers: optional target texts appended after the generation prompt (for SFT), each closed by the
     template's end-of-turn token; then padding is on the right so the answer tokens line up for the loss.
+    feedback: optional text per sample added to its prompt (VISD's privileged teacher view, prompt_messages).
     Returns the processor's BatchFeature: input_ids, attention_mask [B, L]; mm_token_type_ids [B, L]
     (0 text, 2 video: carry it everywhere, without it the model silently uses 1-D positions);
     pixel_values_videos [sum_i t_i*h_i*w_i, D]; video_grid_thw [B, 3].
     """
-    texts = [processor.apply_chat_template(prompt_messages(s.query), add_generation_prompt=True, tokenize=False)
-             for s in samples]
+    texts = [processor.apply_chat_template(prompt_messages(s.query, f), add_generation_prompt=True, tokenize=False)
+             for s, f in zip(samples, feedback or [None] * len(samples), strict=True)]
     if answers is not None:
         end = processor.tokenizer.decode(_end_of_turn_id(processor))
         texts = [t + a + end for t, a in zip(texts, answers)]

@@ -1,9 +1,9 @@
-"""Decoding and the field's metrics for temporal video grounding.
+"""Decoding, scoring and the field's metrics for temporal video grounding.
 
     python eval.py [--model M] [--data ANNOTATIONS] [--video-root DIR] [--out runs/eval/NAME]
     python eval.py --compare runs/opd runs/grpo [...] [--target MIOU] [--compare-out runs/compare]
 
-With no --model/--data it evaluates the miniature teacher on the miniature test set (built on first use).
+With no --model/--data it evaluates the miniature teacher on the miniature test set (`python toy.py` first).
 Prints R1@0.3/0.5/0.7 and mIoU; writes one JSON line per query to OUT/preds.jsonl beside OUT/setup.json (model,
 data, decoding settings); an interrupted run resumes there, and only with the same setup.
 --compare reads training runs' log.jsonl files and prints/plots their evaluation curves side by side.
@@ -17,7 +17,7 @@ import numpy as np
 
 import torch
 from tqdm import tqdm
-from transformers import GenerationConfig
+from transformers import BatchFeature, GenerationConfig
 
 import data
 
@@ -142,6 +142,92 @@ def rollout_ious(processor, ids, mask, samples):
     return [iou(data.parse_span(a), s.span) for a, s in zip(decode(processor, ids, mask), samples, strict=True)]
 
 
+def judge(answer, sample, tolerance=0.25):
+    """VISD's judge, for grounding: an answer checked dimension by dimension against what it can be checked against.
+
+    answer correctness     the IoU with the ground truth
+    logical consistency    a span in the answer's format, start before end, inside the video
+    temporal grounding     each boundary's error, its direction and size, and where the boundary really is
+    -> {"iou", "consistent", "start_error", "end_error" (answer - truth in s; None without a span), "feedback"}:
+    feedback is the verdict as one line of text, the teacher's privileged information (visd.py), e.g.
+    "Judge: IoU 0.33; a span, start before end; start 2.0 s too early, it is 4.0; end correct."
+    Ours: VISD's judge is an LLM writing free text; the tolerance (0.25 s, half the miniature's answer grid) too.
+    """
+    truth = sample.span
+    span = data.parse_span(answer)
+    if span is None:
+        return {"iou": 0.0, "consistent": False, "start_error": None, "end_error": None,
+                "feedback": f"Judge: IoU 0.00; no span in the answer's format; the event is {truth[0]:.1f} - "
+                            f"{truth[1]:.1f} seconds."}
+    consistent = span[0] < span[1] and span[0] >= 0 and (sample.duration is None or span[1] <= sample.duration)
+    order = "start before end" if span[0] < span[1] else "start not before end"
+    place = "" if consistent or span[0] >= span[1] else ", outside the video"
+    parts = [f"IoU {iou(span, truth):.2f}", f"a span, {order}{place}"]
+    for name, guess, real in (("start", span[0], truth[0]), ("end", span[1], truth[1])):
+        error = guess - real
+        parts.append(f"{name} correct" if abs(error) <= tolerance else
+                     f"{name} {abs(error):.1f} s too {'late' if error > 0 else 'early'}, it is {real:.1f}")
+    return {"iou": iou(span, truth), "consistent": consistent, "start_error": span[0] - truth[0],
+            "end_error": span[1] - truth[1], "feedback": "Judge: " + "; ".join(parts) + "."}
+
+
+# ----------------------------------------------------------------------------- rollouts and their log-probs
+def expand(batch, n):
+    """Repeat each prompt n times, keeping each video's patches next to its own <|video_pad|> tokens.
+
+    batch: input_ids, attention_mask, mm_token_type_ids [B, L]; video_grid_thw [B, 3];
+    pixel_values_videos [sum_i t_i*h_i*w_i, D]. Returns the same keys with B*n rows, prompt i at rows i*n..i*n+n-1.
+    """
+    if n == 1:
+        return batch
+    out = {k: v.repeat_interleave(n, 0) for k, v in batch.items() if k != "pixel_values_videos"}
+    patches = batch["pixel_values_videos"].split(batch["video_grid_thw"].prod(-1).tolist())
+    out["pixel_values_videos"] = torch.cat([p for p in patches for _ in range(n)])
+    return BatchFeature(out)
+
+
+def append_completion(batch, ids, mask):
+    """Prompt batch [B, L] + completion ids/mask [B, T] -> one batch [B, L + T] for scoring (completion = text)."""
+    seq = dict(batch)
+    seq["input_ids"] = torch.cat([batch["input_ids"], ids], 1)
+    seq["attention_mask"] = torch.cat([batch["attention_mask"], mask], 1)
+    seq["mm_token_type_ids"] = torch.cat([batch["mm_token_type_ids"], torch.zeros_like(ids)], 1)
+    return BatchFeature(seq)
+
+
+def reprompt(processor, samples, videos, ids, mask, feedback=None):
+    """The same completions ids, mask [B*G, T] behind a prompt built anew from B samples and their videos (G
+    copies each): how VA-OPD's degraded video and VISD's judged prompt score the rollout's own tokens.
+    feedback: one text per completion [B*G] (VISD's judge on that completion), added to its own prompt."""
+    group = ids.shape[0] // len(samples)
+    if feedback is None:
+        prompt = expand(data.encode(processor, samples, videos), group)
+    else:  # each completion its own prompt: left padding keeps every prompt's end next to its completion
+        prompt = data.encode(processor, [s for s in samples for _ in range(group)],
+                             [v for v in videos for _ in range(group)], feedback=feedback)
+    return append_completion(prompt.to(ids.device), ids, mask)
+
+
+def completion_logits(model, seq, T, temperature, forbidden, vocab=None):
+    """Logits / temperature of the T completion positions only: [B, T, V].
+
+    `logits_to_keep` makes the LM head run on the last T + 1 positions, so the [B, L, V] logits of a long video
+    prompt never exist. Forbidden (vision) tokens get -inf: the support is the one sampling used. `vocab` slices
+    a teacher whose embedding is padded larger than the student's (Qwen2.5-VL-3B 151,936 vs 7B 152,064 rows).
+    """
+    logits = model(**seq, logits_to_keep=T + 1, use_cache=False).logits[:, :-1]
+    logits = logits[..., :vocab] if vocab else logits
+    blocked = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
+    blocked[forbidden] = True
+    return (logits / temperature).masked_fill(blocked, float("-inf"))
+
+
+def token_logp(logits, ids):
+    """log pi(a_t) of the chosen tokens: logits [B, T, V], ids [B, T] -> [B, T] in fp32."""
+    return torch.log_softmax(logits.float(), -1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+
+
+# ----------------------------------------------------------------------------- predictions over a dataset
 def load_videos(samples, skip_bad=False, fps=2.0, max_frames=256):
     """Decode each sample's video -> (list of (frames, metadata) or None, list of DataError messages)."""
     videos, errors = [], []
@@ -286,10 +372,10 @@ def main():
             raise data.DataError(f"--{flag.replace('_', '-')} must be >= 1 (got {getattr(args, flag)})")
     if args.model:
         check_model("model", args.model)
-    if not args.model or not args.data:
-        import toy
-        paths = toy.ensure()
-        args.model, args.data = args.model or paths["teacher"], args.data or paths["test"]
+    if not args.model or not args.data:  # the miniature's: toy.py builds it (it imports this file, so not from here)
+        if not os.path.exists("runs/toy/metrics.json"):
+            raise data.DataError("no --model / --data given and no miniature in runs/toy yet: python toy.py builds it")
+        args.model, args.data = args.model or "runs/toy/teacher", args.data or "runs/toy/test.jsonl"
     samples = data.load_samples(args.data, args.video_root, args.skip_bad)
     # the predictions belong to what produced them: resuming with another model, data or decoding never mixes
     setup = {"model": os.path.abspath(args.model) if os.path.isdir(args.model) else args.model,

@@ -20,6 +20,7 @@ import math
 import os
 import random
 import time
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,6 +28,7 @@ import torch
 from tqdm import tqdm
 
 import data
+import eval as ev
 
 # With several shapes per clip (ToyConfig.shapes > 1) the query's colour picks the answer; three well-separated
 # colours are the most a tiny teacher learned to match within a few thousand SFT steps (README, "The miniature").
@@ -62,6 +64,7 @@ class ToyConfig:
     batch: int = 16
     lr: float = 1.5e-3        # 3e-3 was unstable (teacher stuck at mIoU ~55 in one of two builds), 1e-3 slower
     vision_lr_mult: float = 10.0  # the vision tower's lr multiplier (see sft)
+    feedback_share: float = 0.25  # SFT prompts carrying a judge's feedback on a wrong answer (see feedback_prompts)
     seed: int = 0
 
     @staticmethod
@@ -147,6 +150,9 @@ def make_processor(out, cfg):
     corpus = [data.PROMPT.format(query=f"the {c} {s}") for c in COLOURS for s in SHAPES]
     corpus += [data.ANSWER.format(start=a / 2, end=b / 2) for a in range(0, 40) for b in range(0, 40, 3)]
     corpus += [f"<{t / 10:.1f} seconds>" for t in range(200)] + ["user", "assistant", "system"]
+    truth = data.Sample("", "", (2.0, 5.0), float(cfg.seconds), "")  # the judge's phrases (VISD's feedback)
+    corpus += [ev.judge(data.ANSWER.format(start=a, end=b), truth)["feedback"] for a in range(9) for b in range(9)]
+    corpus += [ev.judge("", truth)["feedback"]]
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
                                                  pre_tokenizers.ByteLevel(add_prefix_space=False)])
@@ -184,7 +190,8 @@ def make_model(processor, size, seed):
     head_dim = 16
     config = Qwen3VLConfig(
         text_config=dict(vocab_size=len(tok), hidden_size=hidden, intermediate_size=hidden * 3,
-                         num_hidden_layers=layers, num_attention_heads=hidden // head_dim, num_key_value_heads=hidden // head_dim,
+                         num_hidden_layers=layers, num_attention_heads=hidden // head_dim,
+                         num_key_value_heads=hidden // head_dim,
                          head_dim=head_dim, max_position_embeddings=4096, pad_token_id=tok.pad_token_id,
                          rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
                                           "mrope_section": [4, 2, 2], "mrope_interleaved": True}),
@@ -213,13 +220,33 @@ def answer_labels(processor, batch):
     return labels
 
 
-def encode_each(processor, samples, videos, chunk=64):
+def feedback_prompts(samples, share, seed):
+    """For a `share` of the samples, the judge's feedback (eval.judge) on a wrong answer, to carry in the SFT prompt;
+    None for the others. The wrong answer: 10% no span at all, else each boundary of the truth moved by -3..3 s.
+
+    Why (ours): VISD's teacher reads feedback in its prompt, as instruction-tuned models can; the miniature's models
+    learn to read it here, with the true answer as the target, so that the EMA teacher can use what it is told.
+    """
+    rng = random.Random(seed + 1)
+    out = []
+    for s in samples:
+        if rng.random() >= share:
+            out.append(None)
+            continue
+        shift = lambda t: min(max(t + rng.randint(-3, 3), 0.0), s.duration or t + 3)
+        wrong = "" if rng.random() < 0.1 else data.ANSWER.format(start=shift(s.span[0]), end=shift(s.span[1]))
+        out.append(ev.judge(wrong, s)["feedback"])
+    return out
+
+
+def encode_each(processor, samples, videos, chunk=64, feedback=None):
     """SFT inputs (with labels) per sample, computed once: the processor costs about as much as a train step,
-    so the training loop only pads and stacks these."""
+    so the training loop only pads and stacks these. feedback: per sample, a text for its prompt or None."""
     items = []
+    feedback = feedback or [None] * len(samples)
     for i in range(0, len(samples), chunk):
         part = samples[i:i + chunk]
-        b = data.encode(processor, part, videos[i:i + chunk],
+        b = data.encode(processor, part, videos[i:i + chunk], feedback=feedback[i:i + chunk],
                         answers=[data.ANSWER.format(start=s.span[0], end=s.span[1]) for s in part])
         b["labels"] = answer_labels(processor, b)
         pixels = b["pixel_values_videos"].split(b["video_grid_thw"].prod(1).tolist())
@@ -240,24 +267,31 @@ def collate(items, pad_id):
             "video_grid_thw": torch.stack([x["video_grid_thw"] for x in items])}
 
 
-def sft(model, processor, samples, videos, steps, cfg, desc, val=None, stop=None, eval_every=100):
-    """Supervised fine-tuning on ground-truth answers (AdamW, cosine schedule).
+def sft(model, processor, samples, videos, steps, cfg, desc, val=None, stop=None, eval_every=100, until=None,
+        state=None):
+    """Supervised fine-tuning on ground-truth answers (AdamW, cosine schedule over `steps`); a cfg.feedback_share
+    of the prompts carry a judge's feedback on a wrong answer (feedback_prompts).
 
     val, stop: optional (samples, videos) and a predicate on eval metrics; training ends at the first
-    evaluation where stop(metrics) holds. Returns (the last evaluation's metrics or None, steps taken).
+    evaluation where stop(metrics) holds. until: pause after this step; state: what a paused sft returned, to go on
+    from there (dpo.py --pre-sft puts DPO in between). Returns (the last evaluation's metrics or None, steps taken,
+    state).
     """
-    rng = random.Random(cfg.seed)
-    items = encode_each(processor, samples, videos)
-    # The vision tower gets a higher lr: at init its outputs barely differ between frames, and with the text
-    # lr the models sat longer on a constant-answer plateau.
-    visual = [p for n, p in model.named_parameters() if ".visual." in n]
-    rest = [p for n, p in model.named_parameters() if ".visual." not in n]
-    opt = torch.optim.AdamW([{"params": rest, "lr": cfg.lr}, {"params": visual, "lr": cfg.lr * cfg.vision_lr_mult}],
-                            betas=(0.9, 0.95), weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / 50) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
-    metrics = None
-    bar = tqdm(range(1, steps + 1), desc=f"{desc} (up to {steps} steps)" if stop else desc)
+    items = encode_each(processor, samples, videos, feedback=feedback_prompts(samples, cfg.feedback_share, cfg.seed))
+    if state is None:
+        # The vision tower gets a higher lr: at init its outputs barely differ between frames, and with the text
+        # lr the models sat longer on a constant-answer plateau.
+        visual = [p for n, p in model.named_parameters() if ".visual." in n]
+        rest = [p for n, p in model.named_parameters() if ".visual." not in n]
+        opt = torch.optim.AdamW([{"params": rest, "lr": cfg.lr},
+                                 {"params": visual, "lr": cfg.lr * cfg.vision_lr_mult}], betas=(0.9, 0.95),
+                                weight_decay=0.0)
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: min(1.0, (s + 1) / 50) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+        state = {"opt": opt, "sched": sched, "rng": random.Random(cfg.seed), "step": 0}
+    opt, sched, rng = state["opt"], state["sched"], state["rng"]
+    metrics, step = None, state["step"]
+    bar = tqdm(range(step + 1, (until or steps) + 1), desc=f"{desc} (up to {steps} steps)" if stop else desc)
     for step in bar:
         model.train()
         idx = rng.sample(range(len(items)), cfg.batch)
@@ -274,17 +308,22 @@ def sft(model, processor, samples, videos, steps, cfg, desc, val=None, stop=None
             if stop is not None and stop(metrics):
                 break
     model.eval()
-    return metrics, step
+    state["step"] = step
+    return metrics, step, state
 
 
-def toy_metrics(model, processor, samples, videos):
-    """Greedy metrics + how many distinct answers the model gives (1 = it ignores the video) + % parseable."""
-    import eval as ev
-    rows = []
+def greedy_answers(model, processor, samples, videos, feedback=None):
+    """The model's greedy answer to each sample (with `feedback`, one text per sample, in its prompt)."""
+    rows, feedback = [], feedback or [None] * len(samples)
     for i in range(0, len(samples), 32):
-        chunk = samples[i:i + 32]
-        ids, mask = ev.generate(model, processor, data.encode(processor, chunk, videos[i:i + 32]), 24)
-        rows += ev.decode(processor, ids, mask)
+        batch = data.encode(processor, samples[i:i + 32], videos[i:i + 32], feedback=feedback[i:i + 32])
+        rows += ev.decode(processor, *ev.generate(model, processor, batch, 24))
+    return rows
+
+
+def toy_metrics(model, processor, samples, videos, feedback=None):
+    """Greedy metrics + how many distinct answers the model gives (1 = it ignores the video) + % parseable."""
+    rows = greedy_answers(model, processor, samples, videos, feedback)
     preds = [data.parse_span(a) for a in rows]
     m = ev.compute_metrics(preds, [s.span for s in samples])
     m["distinct"] = len(set(rows))
@@ -294,7 +333,6 @@ def toy_metrics(model, processor, samples, videos):
 
 def reward_spread(model, processor, samples, videos, n=8):
     """Fraction of prompts whose n sampled answers (temperature 1) differ in IoU: GRPO needs such groups."""
-    import eval as ev
     spread = 0
     for s, v in zip(samples, videos):
         ids, mask = ev.generate(model, processor, data.encode(processor, [s] * n, [v] * n), 24, temperature=1.0)
@@ -303,23 +341,32 @@ def reward_spread(model, processor, samples, videos, n=8):
 
 
 # ----------------------------------------------------------------------------- build
+def miniature_paths(out):
+    """Where build puts each part of the miniature under `out`."""
+    return {"student": f"{out}/student", "teacher": f"{out}/teacher", "train": f"{out}/train.jsonl",
+            "test": f"{out}/test.jsonl", "metrics": f"{out}/metrics.json"}
+
+
+def sft_splits(paths, cfg):
+    """The SFT data, decoded: (fit, val, test), each (samples, videos); val is the end of train.jsonl, held out
+    from SFT and used to decide when to stop."""
+    train, test = data.load_annotations(paths["train"]), data.load_annotations(paths["test"])
+    train_v = [data.load_video(s.video) for s in tqdm(train, desc="decode train clips")]
+    n_val = min(cfg.n_test, len(train) // 2)
+    return (train[:-n_val], train_v[:-n_val]), (train[-n_val:], train_v[-n_val:]), \
+        (test, [data.load_video(s.video) for s in test])
+
+
 def build(out="runs/toy", cfg=None):
     """Build everything under `out` (see the module docstring); returns the paths. Cached by metrics.json."""
     cfg = cfg or ToyConfig()
-    paths = {"student": f"{out}/student", "teacher": f"{out}/teacher", "train": f"{out}/train.jsonl",
-             "test": f"{out}/test.jsonl", "metrics": f"{out}/metrics.json"}
+    paths = miniature_paths(out)
     if os.path.exists(paths["metrics"]):
         return paths
     t0 = time.time()
     make_clips(out, cfg)
     processor = make_processor(f"{out}/processor", cfg)
-    train = data.load_annotations(paths["train"])
-    test = data.load_annotations(paths["test"])
-    train_v = [data.load_video(s.video) for s in tqdm(train, desc="decode train clips")]
-    test_v = [data.load_video(s.video) for s in test]
-    n_val = min(cfg.n_test, len(train) // 2)
-    val = (train[-n_val:], train_v[-n_val:])  # held out from SFT, used to decide when to stop
-    fit = (train[:-n_val], train_v[:-n_val])
+    fit, val, (test, test_v) = sft_splits(paths, cfg)
     report = {}
     for name, size, steps, every, stop in (
             ("teacher", cfg.teacher, cfg.teacher_steps, 100, lambda m: m["mIoU"] >= 95),
@@ -327,14 +374,18 @@ def build(out="runs/toy", cfg=None):
             # grounding emerges fast once it starts, so look often
             ("student", cfg.student, cfg.student_steps, 10, lambda m: m["mIoU"] >= 40 and m["distinct"] >= 10)):
         model = make_model(processor, size, cfg.seed + len(name))
-        _, report[f"{name}_sft_steps"] = sft(model, processor, *fit, steps, cfg, f"SFT {name}", val=val, stop=stop,
-                                             eval_every=every)
+        _, report[f"{name}_sft_steps"], _ = sft(model, processor, *fit, steps, cfg, f"SFT {name}", val=val,
+                                                stop=stop, eval_every=every)
         model.save_pretrained(paths[name])
         processor.save_pretrained(paths[name])
         report[name] = toy_metrics(model, processor, test, test_v)
         report[name]["params"] = sum(p.numel() for p in model.parameters())
         report[name]["sampled_reward_spread_%"] = reward_spread(model, processor, test[:16], test_v[:16])
+        # can it read VISD's feedback? greedy mIoU with the judge's verdict on its own greedy answer in the prompt
+        verdicts = [ev.judge(a, s)["feedback"] for a, s in zip(greedy_answers(model, processor, test, test_v), test)]
+        report[name]["mIoU_with_feedback"] = toy_metrics(model, processor, test, test_v, verdicts)["mIoU"]
     report["build_seconds"] = round(time.time() - t0, 1)
+    report["config"] = dataclasses.asdict(cfg)  # what built it (dpo.py --pre-sft rebuilds the student's SFT)
     with open(paths["metrics"], "w") as f:
         json.dump(report, f, indent=1)
     print(json.dumps(report, indent=1))
@@ -342,7 +393,7 @@ def build(out="runs/toy", cfg=None):
 
 
 def ensure(out="runs/toy"):
-    """The miniature's paths, building it first if needed (what opd.py, grpo.py, eval.py, tvdf.py call)."""
+    """The miniature's paths, building it first if needed (what the training scripts call, through cli.py)."""
     if not os.path.exists(f"{out}/metrics.json"):
         print(f"building the miniature in {out} (once; a few minutes on 2 cores)")
     return build(out)

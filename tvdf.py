@@ -1,25 +1,56 @@
-"""TVDF, Teacher-Validated Disagreement Focusing: the paper's training-data curriculum.
+"""TVDF, Teacher-Validated Disagreement Focusing: the paper's training-data curriculum, on Video-OPD's loop.
 
-    python tvdf.py --k 256 --tau 0.5 --strategy topk          # the miniature's pool -> runs/tvdf/selected.jsonl
-    python tvdf.py --student S --teacher T --data POOL --k 2500 --tau 0.5 --out runs/tvdf-charades/selected.jsonl
-    python opd.py --tvdf-rounds 3 --tvdf-k 2500                                 # the multi-round curriculum inline
+    python tvdf.py                                   # OPD + TVDF on the miniature: 2 rounds x 128 samples
+    python tvdf.py --student S --teacher T --data POOL --rounds 3 --k 2500 --steps 300    # the paper's 3 rounds
+    python tvdf.py --select-only --k 2500 --out runs/tvdf-select        # only choose: OUT/selected.jsonl
 
 TRPV (teacher-reliability pre-validation): drop samples whose teacher IoU with the ground truth is below tau;
 the teacher cannot teach what it gets wrong. DBTP (disagreement-based prioritisation): delta_i = IoU_teacher(i) -
 IoU_student(i) with the *current* student; keep the k samples with the largest delta ("Top-k DBS"), or one of
-the appendix's variants (DSUS, BBDS, GWDS). Each round recomputes delta and adds k new samples to the pool.
+the appendix's variants (DSUS, BBDS, GWDS). Each round recomputes delta and adds k new samples to the pool, then
+trains OPD (opd.py's score and loss, the same flags) on the pool so far.
+
+Where each choice comes from (the paper, arXiv 2602.02994 v1):
+- TRPV on the teacher's IoU with the ground truth: Sec. 3.2 step 1 and App. B. tau: not published (Sec. 3.2, "a
+  predefined consistency criterion"); 0.5 is ours, the field's R1@0.5 bar. The teacher's "top-k predictions" per
+  sample: k not given; ours: greedy only (--teacher-samples 1).
+- delta = teacher IoU - student IoU: App. B, Eq. 12 (Sec. 3.2 speaks of a reverse KL instead; we follow App. B).
+- Top-k DBS as default: App. B.2, Eq. 16. DSUS: App. B.1. BBDS with 5 buckets: App. B.3 (the paper spaces the
+  picks uniformly within a bucket; ours draws them at random). GWDS with c 0.9, sigma 0.2: App. B.4, Eqs. 21-22.
+- 3 rounds of 2,500 (2.5k -> 5k -> 7.5k cumulative): Sec. 4.1, App. D.2.
+- ours: one AdamW and warm-up across the rounds (the paper does not say); "random" (TRPV alone) is our ablation.
 """
-import argparse
+import dataclasses
 import json
 import os
+from dataclasses import dataclass
 
 import numpy as np
+import torch
 
+import cli
 import data
 import eval as ev
+import fsdp
 import opd
 
-STRATEGIES = opd.CHOICES["tvdf_strategy"]
+
+@dataclass
+class TVDFArgs(opd.Args):
+    out: str = "runs/tvdf"          # run folder: log.jsonl (all rounds), round1/ ..., final/ (or selected.jsonl)
+    rounds: int = 3                 # curriculum rounds: each selects k more, then trains steps / rounds (paper: 3)
+    k: int = 2500                   # samples added to the training pool per round (paper: 2,500)
+    tau: float = 0.5                # TRPV: drop samples whose teacher IoU is below this (ours: not published)
+    strategy: str = "topk"          # DBTP variant: topk | dsus | bbds | gwds | random (TRPV alone)
+    pool: int = 0                   # candidate pool: the first N training samples (0: all)
+    teacher_samples: int = 1        # TRPV: predictions per sample, greedy + n-1 sampled, IoUs averaged (ours)
+    select_only: bool = False       # only select k samples with the current student: OUT/selected.jsonl
+
+
+# OPD's miniature settings; 2 rounds of 128 from the first 512 training clips
+MINIATURE = opd.MINIATURE | dict(rounds=2, k=128, pool=512)
+STRATEGIES = ("topk", "dsus", "bbds", "gwds", "random")
+BOUNDS = opd.BOUNDS | dict(rounds=(1, True), k=(1, True), pool=(0, True), teacher_samples=(1, True))
 
 
 def select(teacher_iou, student_iou, k, tau, strategy="topk", seed=0):
@@ -85,7 +116,7 @@ def teacher_ious(teacher, processor, samples, cache, n=1, batch_size=16, fps=2.0
     if todo:
         known |= dict(zip(map(key, todo), sample_ious(teacher, processor, todo, n, batch_size=batch_size,
                                                       desc="teacher", fps=fps, max_frames=max_frames).tolist()))
-        if opd.rank() == 0:  # under torchrun every rank scored the same samples
+        if fsdp.rank() == 0:  # under torchrun every rank scored the same samples
             with open(cache, "w") as f:
                 json.dump(cached, f)
     return np.array([known[key(s)] for s in samples])
@@ -102,16 +133,22 @@ def describe(teacher_iou, student_iou, chosen, tau):
 
 
 # ----------------------------------------------------------------------------- the multi-round curriculum
-def curriculum(args, student, processor, teacher, score, loss_fn):
-    """opd.py --tvdf-rounds R --tvdf-k K: R rounds of (select K more with the current student, train on the
-    cumulative pool for steps / R steps), through opd.train_in_stages: rounds in OUT/roundN/, one joined
-    OUT/log.jsonl. Returns the evaluation records like opd.train."""
+def candidates(args, teacher, processor):
+    """The candidate pool (the first --pool training samples) and the teacher's IoU on each, cached in
+    OUT/teacher_iou.json: (list[Sample], [N])."""
     pool = data.load_samples(args.data, args.video_root, args.skip_bad)
-    pool = pool[:args.tvdf_pool] if args.tvdf_pool else pool
-    os.makedirs(args.out, exist_ok=True)  # for the teacher's cached IoUs
-    t_iou = teacher_ious(teacher, processor, pool, f"{args.out}/teacher_iou.json", fps=args.fps,
-                         max_frames=args.max_frames)
-    chosen = np.zeros(0, int)  # grows by K each round
+    pool = pool[:args.pool] if args.pool else pool
+    os.makedirs(args.out, exist_ok=True)
+    return pool, teacher_ious(teacher, processor, pool, f"{args.out}/teacher_iou.json", args.teacher_samples,
+                              fps=args.fps, max_frames=args.max_frames)
+
+
+def curriculum(args, student, processor, teacher, score, loss_fn):
+    """args.rounds rounds of (select args.k more with the current student, train on the cumulative pool for
+    steps / rounds steps), through train_in_stages: rounds in OUT/roundN/, one joined OUT/log.jsonl. Returns the
+    evaluation records like opd.train."""
+    pool, t_iou = candidates(args, teacher, processor)
+    chosen = np.zeros(0, int)  # grows by k each round
     optimizer = opd.make_optimizer(args, student)  # one AdamW and warm-up over all rounds: a round is not a restart
 
     def run_round(r, round_args):
@@ -119,53 +156,62 @@ def curriculum(args, student, processor, teacher, score, loss_fn):
         rest = np.setdiff1d(np.arange(len(pool)), chosen)
         s_iou = sample_ious(student, processor, [pool[i] for i in rest], desc=f"student (round {r + 1})",
                             fps=args.fps, max_frames=args.max_frames)
-        new = rest[select(t_iou[rest], s_iou, args.tvdf_k, args.tvdf_tau, args.tvdf_strategy, args.seed + r)]
-        print(f"TVDF round {r + 1}: " + describe(t_iou[rest], s_iou, np.searchsorted(rest, new), args.tvdf_tau))
+        new = rest[select(t_iou[rest], s_iou, args.k, args.tau, args.strategy, args.seed + r)]
+        print(f"TVDF round {r + 1}: " + describe(t_iou[rest], s_iou, np.searchsorted(rest, new), args.tau))
         chosen = np.concatenate([chosen, new])
         return opd.train(round_args, student, processor, score, loss_fn, pool=[pool[i] for i in chosen],
                          optimizer=optimizer)
 
-    return opd.train_in_stages(args, [f"round{r + 1}" for r in range(args.tvdf_rounds)], run_round)
+    return train_in_stages(args, [f"round{r + 1}" for r in range(args.rounds)], run_round)
+
+
+def train_in_stages(args, names, run):
+    """A curriculum (tvdf.py's rounds, dpo.py's strengths): args.steps split over the stages (the remainder to the
+    last); run(i, stage_args) trains stage i (an opd.train call) in OUT/<names[i]>/ and returns its evaluation
+    records. The stages' logs are joined into OUT/log.jsonl, steps and wall time running on, each record tagged
+    with its stage. Returns the joined evaluation records, like opd.train."""
+    steps = [args.steps // len(names)] * (len(names) - 1)
+    steps.append(args.steps - sum(steps))
+    os.makedirs(args.out, exist_ok=True)
+    log = open(f"{args.out}/log.jsonl" if fsdp.rank() == 0 else os.devnull, "w")
+    evals, offset = [], (0, 0.0)
+    for i, (name, n) in enumerate(zip(names, steps)):
+        if n == 0:
+            continue
+        stage_args = dataclasses.replace(args, out=f"{args.out}/{name}", steps=n, resume=False)
+        records = run(i, stage_args)
+        later = offset[0] > 0  # a later stage's "before" is the previous stage's "after": logged once
+        for rec in map(json.loads, open(f"{stage_args.out}/log.jsonl") if fsdp.rank() == 0 else []):
+            if not (later and rec["step"] == 0):
+                rec |= {"step": rec["step"] + offset[0], "wall": round(rec["wall"] + offset[1], 2), "stage": name}
+                log.write(json.dumps(rec) + "\n")
+        evals += [e | {"step": e["step"] + offset[0]} for e in records if not (later and e["step"] == 0)]
+        offset = (offset[0] + n, records[-1]["wall"] + offset[1] if records else offset[1])
+    log.close()
+    return evals
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.error = data.refuse
-    p.add_argument("--student", help="the current student (default: the miniature student)")
-    p.add_argument("--teacher", help="the teacher (default: the miniature teacher)")
-    p.add_argument("--data", help="the candidate pool, any annotation format (default: miniature train)")
-    p.add_argument("--video-root", help="folder with the videos (default: the annotation file's folder)")
-    p.add_argument("--pool", type=int, default=0, help="use only the first N samples of the pool (0: all)")
-    p.add_argument("--k", type=int, default=256, help="samples to select (paper: 2,500 per round)")
-    p.add_argument("--tau", type=float, default=0.5, help="TRPV: drop samples whose teacher IoU is below tau. "
-                   "Not published (a follow-up uses 0.7). 0.5 keeps what the teacher grounds by the field's "
-                   "R1@0.5 standard; on the miniature's 512-sample pool the teacher (mIoU 98) passes 100%% at "
-                   "0.5 and 97.3%% at 0.7, so TRPV filters little there: it matters for weaker teachers")
-    p.add_argument("--teacher-samples", type=int, default=1, help="TRPV predictions per sample: greedy + n-1 sampled")
-    p.add_argument("--strategy", default="topk", choices=STRATEGIES, help="DBTP variant (paper default: topk)")
-    p.add_argument("--seed", type=int, default=0, help="seed for the sampling strategies")
-    p.add_argument("--out", default="runs/tvdf/selected.jsonl", help="the chosen subset, in the plain JSONL format "
-                   "(the teacher's IoUs are cached beside it, in OUT.teacher_iou.json)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
-    p.add_argument("--skip-bad", action="store_true", help="leave out samples whose video file is missing")
-    args = p.parse_args()
-    opd.check_models(args, ("student", "teacher"))
-    opd.resolve_miniature(args)
-    pool = data.load_samples(args.data, args.video_root, args.skip_bad)
-    pool = pool[:args.pool] if args.pool else pool
-    if os.path.exists(args.out) and not args.overwrite:
-        raise data.DataError(f"{args.out} exists: --overwrite replaces it, or choose another --out")
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    teacher, processor = ev.load_model(args.teacher)
-    t_iou = teacher_ious(teacher, processor, pool, os.path.splitext(args.out)[0] + ".teacher_iou.json",
-                         args.teacher_samples)
-    del teacher
-    student, processor = ev.load_model(args.student)
-    s_iou = sample_ious(student, processor, pool, desc="student")
-    chosen = select(t_iou, s_iou, args.k, args.tau, args.strategy, args.seed)
-    data.write_jsonl([pool[i] for i in chosen], args.out)
-    print(describe(t_iou, s_iou, chosen, args.tau))
-    print(f"wrote {len(chosen)} samples to {args.out}")
+    # no --resume: the rounds run as separate opd.train stages
+    args = cli.parse(TVDFArgs, MINIATURE, drop=("resume",), choices=opd.CHOICES | dict(strategy=STRATEGIES),
+                     bounds=BOUNDS)
+    fsdp.init_distributed()
+    cli.start_run(args)
+    torch.manual_seed(args.seed)
+    student, processor = opd.load_student(args)
+    teacher, vocab = opd.load_teacher(args, student, processor)
+    if args.select_only:  # one choice with the current student, written as plain JSONL; no training
+        pool, t_iou = candidates(args, teacher, processor)
+        s_iou = sample_ious(student, processor, pool, desc="student", fps=args.fps, max_frames=args.max_frames)
+        chosen = select(t_iou, s_iou, args.k, args.tau, args.strategy, args.seed)
+        if fsdp.rank() == 0:
+            data.write_jsonl([pool[i] for i in chosen], f"{args.out}/selected.jsonl")
+        print(describe(t_iou, s_iou, chosen, args.tau))
+        print(f"wrote {len(chosen)} samples to {args.out}/selected.jsonl")
+        return
+    score, loss_fn = opd.distillation(args, teacher, vocab, ev.forbidden_ids(processor))
+    evals = curriculum(args, student, processor, teacher, score, loss_fn)
+    opd.finish(args, student, processor, evals, teacher)
 
 
 if __name__ == "__main__":

@@ -104,7 +104,7 @@ def make_data(folder):
 
 def child(script, argv, out_json):
     """Run `script argv` in this process, sampling resident memory per phase (the phase = the last of opd's
-    functions entered: generate, teacher scoring = completion_logits without grad, student = with grad + backward)."""
+    functions entered: generate, teacher scoring = eval.completion_logits without grad, student = with grad + backward)."""
     import importlib
     import torch
     import eval as ev
@@ -128,8 +128,8 @@ def child(script, argv, out_json):
             return fn(*a, **kw)
         return wrapper
     ev.generate = labelled(ev.generate, "generate")
-    opd.completion_logits = labelled(opd.completion_logits,
-                                     lambda *a: "student fwd+bwd" if torch.is_grad_enabled() else "teacher fwd")
+    ev.completion_logits = labelled(ev.completion_logits,
+                                    lambda *a: "student fwd+bwd" if torch.is_grad_enabled() else "teacher fwd")
     opd.save = labelled(opd.save, "save")
     sys.argv = [script, *argv]
     importlib.import_module(script[:-3]).main()  # the module, not a fresh __main__, so the wrappers above apply

@@ -125,9 +125,11 @@ def test_help_shows_the_defaults_used_and_only_the_scripts_flags():
     opd_help, grpo_help = _cli("opd.py", "--help").stdout, _cli("grpo.py", "--help").stdout
     assert "0.001 on the miniature, 1e-06 with --student/--data" in " ".join(opd_help.split())
     assert "fullkl on the miniature" in " ".join(opd_help.split())
-    for flag in ("--teacher", "--loss", "--va", "--tvdf-k", "--rollouts-per-prompt"):
+    for flag in ("--teacher", "--loss", "--rollouts-per-prompt", "--kl-chunk"):
         assert flag in opd_help and flag not in grpo_help
     assert "--group-size" in grpo_help
+    for flag in ("--va-top", "--rounds", "--visd-clip", "--group-size"):  # the other methods' flags are theirs
+        assert flag not in opd_help
 
 
 def test_sigterm_saves_the_step_and_stops_the_workers(tiny, tmp_path):

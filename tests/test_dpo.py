@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+import data
 import dpo
 from test_opd import _run, _weights
 
@@ -76,12 +77,12 @@ def test_identical_answers_are_detected():
 
 def test_prompt_of_undoes_append_completion():
     """The rejected answer is scored under the clean prompt: prompt_of must give back exactly that prompt."""
-    prompt = dpo.opd.BatchFeature({"input_ids": torch.tensor([[0, 3, 4], [5, 6, 7]]),
+    prompt = dpo.BatchFeature({"input_ids": torch.tensor([[0, 3, 4], [5, 6, 7]]),
                                    "attention_mask": torch.tensor([[0, 1, 1], [1, 1, 1]]),
                                    "mm_token_type_ids": torch.tensor([[0, 2, 0], [2, 2, 0]]),
                                    "pixel_values_videos": torch.randn(6, 4),
                                    "video_grid_thw": torch.tensor([[1, 1, 3]] * 2)})
-    seq = dpo.opd.append_completion(prompt, torch.tensor([[8, 9], [8, 0]]), torch.tensor([[1, 1], [1, 0]]))
+    seq = dpo.ev.append_completion(prompt, torch.tensor([[8, 9], [8, 0]]), torch.tensor([[1, 1], [1, 0]]))
     back = dpo.prompt_of(seq, 2)
     assert set(back) == set(prompt)
     for k in prompt:
@@ -162,8 +163,9 @@ def test_mix_uses_all_three_kinds():
 # ----------------------------------------------------------------------------- smoke run
 def test_smoke_two_stages_weights_move(tiny, tmp_path):
     """2 steps, one per stage (r 16 then 2): one joined log, pair stats, first-step loss log 2, weights move."""
-    out = _run("dpo.py", tiny, tmp_path, "--steps", "2", "--strengths", "16,2", "--micro-batch", "4")
-    assert "student before" in out
+    out = _run("dpo.py", tiny, tmp_path, "--steps", "2", "--strengths", "16,2", "--micro-batch", "4",
+               "--min-changes", "2")
+    assert "student before" in out and "temporally rich:" in out
     log = [json.loads(x) for x in open(tmp_path / "log.jsonl")]
     steps = [r for r in log if "loss" in r]
     assert [(r["step"], r["stage"]) for r in steps] == [(1, "r16"), (2, "r2")]
@@ -176,3 +178,27 @@ def test_smoke_two_stages_weights_move(tiny, tmp_path):
     assert steps[1]["wall"] > steps[0]["wall"]                   # wall time runs on across stages
     trained, start = _weights(tmp_path / "final"), _weights(tiny["student"])
     assert any(not torch.equal(trained[k], start[k]) for k in trained)
+
+
+def test_scene_changes_count_the_event_boundaries_inside_the_clip(tiny):
+    """A miniature clip changes where its shape appears and where it goes, unless that is the clip's edge; the
+    background's brightening each second is not a change."""
+    samples = data.load_annotations(tiny["train"])
+    counts = [dpo.scene_changes(data.load_video(s.video)[0]) for s in samples]
+    assert counts == [(s.span[0] > 0) + (s.span[1] < s.duration) for s in samples]
+    rich = dpo.temporally_rich(samples, 2)
+    assert rich == [s for s, n in zip(samples, counts) if n >= 2] and 0 < len(rich) < len(samples)
+
+
+def test_pre_sft_pauses_and_resumes_the_students_sft_exactly(tiny, tmp_path):
+    """--pre-sft: half the student's SFT, DPO, the rest of the SFT. With DPO's lr ~0 the result is the miniature
+    student itself: the SFT is rebuilt with its own seed, data and schedule, and resumes where it paused."""
+    out = _run("dpo.py", tiny, tmp_path, "--pre-sft", "--steps", "2", "--strengths", "16", "--micro-batch", "4",
+               "--min-changes", "0", "--lr", "1e-12")
+    rows = json.load(open(tmp_path / "summary.json"))
+    assert list(rows) == ["SFT only", "half SFT", "half SFT + DPO", "half SFT + DPO + rest of SFT"] and "SFT only" in out
+    assert rows["half SFT + DPO + rest of SFT"]["mIoU"] == pytest.approx(rows["SFT only"]["mIoU"], abs=1e-6)
+    final, student = _weights(tmp_path / "final"), _weights(tiny["student"])
+    assert all(torch.allclose(final[k], student[k], atol=1e-5) for k in student)
+    half = _weights(tmp_path / "halfway")
+    assert any(not torch.allclose(half[k], student[k], atol=1e-3) for k in student)  # halfway is another model

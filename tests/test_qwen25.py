@@ -6,7 +6,6 @@ import torch
 
 import data
 import eval as ev
-import opd
 import toy
 from test_opd import _run
 
@@ -64,7 +63,7 @@ def test_time_comes_from_the_sampled_fps(qwen25):
     # expanded rollouts keep each prompt's video and its time scale
     with torch.no_grad():
         base = model(**batch).logits
-        big = model(**opd.expand(batch, 2)).logits
+        big = model(**ev.expand(batch, 2)).logits
     assert torch.allclose(big[0], base[0], atol=1e-5) and torch.allclose(big[3], base[1], atol=1e-5)
 
 

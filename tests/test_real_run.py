@@ -96,7 +96,7 @@ def test_sampling_distribution_is_the_scored_one_at_every_position(tiny, junk_st
     ids, mask = ev.generate(model, processor, padded_batch, 24, temperature)
     sampled = torch.log_softmax(torch.stack(seen["scores"], 1).float(), -1)  # [B, T, V]
     with torch.no_grad():
-        scored = torch.log_softmax(opd.completion_logits(model, opd.append_completion(padded_batch, ids, mask),
+        scored = torch.log_softmax(ev.completion_logits(model, ev.append_completion(padded_batch, ids, mask),
                                                          ids.shape[1], temperature, forbidden), -1)
     real = mask.bool()
     assert real.sum() > 2 * real.shape[0]  # many positions per row are compared
@@ -111,11 +111,11 @@ def test_bf16_loss_is_close_to_fp32(student_and_rollouts):
     losses = {}
     for bf16 in (False, True):
         with torch.no_grad(), torch.autocast("cpu", torch.bfloat16, enabled=bf16):
-            s = opd.completion_logits(model, seq, ids.shape[1], 1.0, forbidden)
-            t = opd.completion_logits(teacher, seq, ids.shape[1], 1.0, forbidden)
-        logp = opd.token_logp(s, ids)
+            s = ev.completion_logits(model, seq, ids.shape[1], 1.0, forbidden)
+            t = ev.completion_logits(teacher, seq, ids.shape[1], 1.0, forbidden)
+        logp = ev.token_logp(s, ids)
         losses[bf16] = (opd.fullkl_loss(s, t, mask).item(),
-                        opd.opd_loss(logp, logp, opd.token_logp(t, ids), mask).item())
+                        opd.opd_loss(logp, logp, ev.token_logp(t, ids), mask).item())
     assert s.dtype == torch.bfloat16  # autocast did run the model in bf16
     for fp32, bf16 in zip(losses[False], losses[True]):
         assert bf16 == pytest.approx(fp32, rel=0.03)
@@ -128,7 +128,7 @@ def student_and_rollouts(tiny, padded_batch):
     teacher, _ = ev.load_model(tiny["teacher"])
     torch.manual_seed(0)
     ids, mask = ev.generate(model, processor, padded_batch, 24, 1.0)
-    return model, teacher, opd.append_completion(padded_batch, ids, mask), ids, mask, ev.forbidden_ids(processor)
+    return model, teacher, ev.append_completion(padded_batch, ids, mask), ids, mask, ev.forbidden_ids(processor)
 
 
 @pytest.mark.parametrize("script", ["opd.py", "grpo.py"])
@@ -177,7 +177,7 @@ def test_uneven_micro_batches_give_the_gradient_of_one_batch(tiny, teacher, tmp_
     twice: the loss was (L_4 + L_2) / 2 instead of (4 L_4 + 2 L_2) / 6."""
     t_model, processor = teacher
     forbidden = ev.forbidden_ids(processor)
-    score = lambda seq, ids, mask, *_: {"teacher_logits": opd.completion_logits(t_model, seq, ids.shape[1], 1.0,
+    score = lambda seq, ids, mask, *_: {"teacher_logits": ev.completion_logits(t_model, seq, ids.shape[1], 1.0,
                                                                                  forbidden)}
     loss_fn = lambda logits, ids, mask, old_logp, scored: opd.fullkl_loss(logits, scored["teacher_logits"], mask)
     one = _train_one_step(tiny, tmp_path, 6, score, loss_fn, monkeypatch)
@@ -190,7 +190,7 @@ def test_grpo_token_mean_is_over_the_whole_step(tiny, tmp_path, monkeypatch):
     rollouts), give the step of one batch. Before the fix each micro-batch took its own token mean."""
     score = lambda seq, ids, mask, ious, chunk, videos: {  # a fixed advantage per prompt, the same for its 2 rollouts
         "advantages": torch.tensor([s.span[0] - 2.5 for s in chunk for _ in range(2)])}
-    loss_fn = lambda logits, ids, mask, old_logp, scored: grpo.grpo_loss(opd.token_logp(logits, ids), old_logp,
+    loss_fn = lambda logits, ids, mask, old_logp, scored: grpo.grpo_loss(ev.token_logp(logits, ids), old_logp,
                                                                          scored["advantages"], mask)
     one = _train_one_step(tiny, tmp_path, 6, score, loss_fn, monkeypatch, group=2, token_mean=True)
     _assert_same_step(one, _train_one_step(tiny, tmp_path, 4, score, loss_fn, monkeypatch, group=2,

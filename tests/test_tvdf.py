@@ -1,6 +1,8 @@
-"""tvdf.py: select() on crafted inputs for every strategy, and the CLI / inline curriculum on the reduced miniature."""
+"""tvdf.py: select() on crafted inputs for every strategy, the stage runner, selection and the curriculum on the
+reduced miniature."""
 import dataclasses
 import json
+import os
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -70,21 +72,21 @@ def test_unknown_strategy():
         tvdf.select(T, S, 1, 0.5, "nope")
 
 
-def test_cli_writes_a_loadable_subset(tiny, tmp_path):
-    out = tmp_path / "selected.jsonl"
-    res = subprocess.run([sys.executable, "tvdf.py", "--student", tiny["student"], "--teacher", tiny["teacher"],
-                          "--data", tiny["train"], "--k", "5", "--tau", "0", "--out", str(out)],
-                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+def test_select_only_writes_a_loadable_subset(tiny, tmp_path):
+    res = subprocess.run([sys.executable, "tvdf.py", "--select-only", "--student", tiny["student"], "--teacher",
+                          tiny["teacher"], "--data", tiny["train"], "--eval-data", tiny["test"], "--k", "5", "--tau",
+                          "0", "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "delta mean" in res.stdout and "wrote 5 samples" in res.stdout
-    chosen = data.load_annotations(str(out))
+    chosen = data.load_annotations(str(tmp_path / "selected.jsonl"))
     pool = {s.query + s.video: s for s in data.load_annotations(tiny["train"])}
     assert len(chosen) == 5 and all(s.query + s.video in pool for s in chosen)
-    assert (tmp_path / "selected.teacher_iou.json").exists()  # the teacher's scores are cached
+    assert (tmp_path / "teacher_iou.json").exists()  # the teacher's scores are cached
+    assert not (tmp_path / "log.jsonl").exists()  # nothing was trained
 
 
-def test_inline_curriculum_two_rounds(tiny, tmp_path):
-    out = _run("opd.py", tiny, tmp_path, "--steps", "4", "--tvdf-rounds", "2", "--tvdf-k", "3", "--tvdf-tau", "0",
+def test_curriculum_two_rounds(tiny, tmp_path):
+    out = _run("tvdf.py", tiny, tmp_path, "--steps", "4", "--rounds", "2", "--k", "3", "--tau", "0",
                "--warmup-steps", "2", "--lr", "3e-4")
     assert out.count("TVDF round") == 2
     log = [json.loads(x) for x in open(tmp_path / "log.jsonl")]
@@ -93,6 +95,31 @@ def test_inline_curriculum_two_rounds(tiny, tmp_path):
     # one AdamW and one warm-up across the rounds: round 2 does not restart at lr 1e-4 (it did before)
     assert [r["lr"] for r in steps] == pytest.approx([2e-4, 3e-4, 3e-4, 3e-4])
     assert json.load(open(tmp_path / "teacher_iou.json"))  # cached for the next rounds
+    assert "teacher" in json.load(open(tmp_path / "summary.json"))
+
+
+def test_train_in_stages_splits_steps_and_joins_logs(tmp_path):
+    """7 steps over 3 stages -> 2, 2, 3; one log with steps and wall time running on, one "before" evaluation."""
+    seen = []
+
+    def run(i, stage_args):  # a stand-in for opd.train: logs "before", each step, "after"
+        seen.append((i, stage_args.steps, stage_args.out))
+        recs = [{"step": 0, "wall": 0.0, "eval": {"mIoU": i}}]
+        recs += [{"step": s, "wall": 1.5 * s, "loss": 0.1} for s in range(1, stage_args.steps + 1)]
+        recs += [{"step": stage_args.steps, "wall": 1.5 * stage_args.steps, "eval": {"mIoU": i + 1}}]
+        os.makedirs(stage_args.out)
+        with open(f"{stage_args.out}/log.jsonl", "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in recs)
+        return [r for r in recs if "eval" in r]
+
+    args = tvdf.TVDFArgs(out=str(tmp_path), steps=7)
+    evals = tvdf.train_in_stages(args, ["a", "b", "c"], run)
+    assert [(i, n) for i, n, _ in seen] == [(0, 2), (1, 2), (2, 3)] and seen[2][2] == f"{tmp_path}/c"
+    log = [json.loads(x) for x in open(tmp_path / "log.jsonl")]
+    assert [r["step"] for r in log if "loss" in r] == list(range(1, 8))
+    assert [r["wall"] for r in log if "loss" in r] == [1.5, 3.0, 4.5, 6.0, 7.5, 9.0, 10.5]
+    assert [(r["step"], r["stage"]) for r in log if "eval" in r] == [(0, "a"), (2, "a"), (4, "b"), (7, "c")]
+    assert [(e["step"], e["eval"]["mIoU"]) for e in evals] == [(0, 0), (2, 1), (4, 2), (7, 3)]
 
 
 def test_teacher_iou_cache_is_keyed_by_teacher_data_and_fps(tmp_path, monkeypatch):

@@ -1,0 +1,116 @@
+"""The command line and the run folder, shared by the training scripts (opd.py, grpo.py, tvdf.py, dpo.py, ...).
+
+    args = cli.parse(Args, MINIATURE)      # flags from a dataclass; the miniature's values when no models are named
+    cli.start_run(args)                    # every input checked, the miniature built, --out made safe to write
+
+Everything a user can get wrong is refused here, as one line and exit code 2 (data.run), before a model loads or
+--out is touched: a flag's range or choice, a model path, the annotations and their videos, a finished run in --out.
+"""
+import argparse
+import dataclasses
+import inspect
+import json
+import os
+import re
+import shutil
+import sys
+
+import data
+import eval as ev
+import fsdp
+import toy
+
+
+def parse(cls, miniature, drop=(), choices=None, bounds=None):
+    """Command line -> cls instance: every dataclass field but `drop` is a flag, its --help line the comment beside
+    the field; the miniature's values fill in what the user did not give when no models/data are named.
+
+    choices: {field: allowed values} (a typo must not fall back to a default); bounds: {field: (low, inclusive)}.
+    Bad values are a DataError before anything runs.
+    """
+    helps = {}  # a field's comment, with the comment lines right under it
+    for c in reversed(cls.__mro__[:-1]):
+        for name, first, more in re.findall(r"^    (\w+): .*?#\s*(.*)$((?:\n    #\s.*)*)", inspect.getsource(c), re.M):
+            helps[name] = " ".join([first] + [line.strip("# ") for line in more.splitlines() if line.strip()])
+    p = argparse.ArgumentParser(description=sys.modules[cls.__module__].__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.error = data.refuse  # one line, not the whole usage
+    fields = [f for f in dataclasses.fields(cls) if f.name not in drop]
+    for f in fields:
+        default = f"default: {f.default}" if f.name not in miniature else \
+            f"default: {miniature[f.name]} on the miniature, {f.default} with --student/--data"
+        kind = dict(action=argparse.BooleanOptionalAction) if f.type is bool else dict(
+            type=f.type if f.type in (int, float) else str, choices=(choices or {}).get(f.name))
+        p.add_argument("--" + f.name.replace("_", "-"), default=argparse.SUPPRESS,
+                       help=f"{helps.get(f.name, '')} ({default})", **kind)
+    given = vars(p.parse_args())
+    for name, value in given.items():
+        low, inclusive = (bounds or {}).get(name, (None, True))
+        if low is not None and (value < low or (value == low and not inclusive)):
+            raise data.DataError(f"--{name.replace('_', '-')} must be {'>=' if inclusive else '>'} {low} (got {value})")
+    on_miniature = not any(given.get(k) for k in ("student", "teacher", "data"))
+    args = cls(**{**(miniature if on_miniature else {}), **given})
+    names = {f.name for f in fields}
+    settings = ", ".join(f"{k.replace('_', ' ')} {getattr(args, k)}" for k in (
+        "steps", "lr", "loss", "prompts_per_step", "group_size", "max_new_tokens") if k in names)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun: once
+        print(("miniature (no --student/--teacher/--data): " if on_miniature else "paper defaults where not given: ")
+              + settings)
+    return args
+
+
+def check_models(args, flags):
+    """ev.check_model for each of these flags the user gave."""
+    for flag in flags:
+        if getattr(args, flag):
+            ev.check_model(flag, getattr(args, flag))
+
+
+def resolve_miniature(args):
+    """Fill the miniature's models and data into whatever the user did not give (building it on first use)."""
+    if not (args.student and args.data):  # real runs name their own models and data (grpo.py has no teacher)
+        if fsdp.rank() > 0:
+            fsdp.barrier()  # under torchrun rank 0 builds (or finds) the miniature while the others wait
+        paths = toy.ensure()
+        if fsdp.rank() == 0:
+            fsdp.barrier()
+        args.student = args.student or paths["student"]
+        args.teacher = args.teacher or paths["teacher"]
+        args.data = args.data or paths["train"]
+        args.eval_data = getattr(args, "eval_data", None) or paths["test"]
+    return args
+
+
+def checkpoint_step(out):
+    """The optimizer steps the checkpoint in run folder `out` has trained (its step.json; nothing else is read)."""
+    with open(f"{out}/checkpoint/step.json") as f:
+        return json.load(f)["step"]
+
+
+def start_run(args, models=("student", "teacher")):
+    """Everything that can be wrong with a run's inputs, checked before a model loads or --out is touched:
+    the models named, the annotations and their videos, and the run folder (an earlier run in --out is refused
+    unless --resume continues it or --overwrite replaces it). Builds the miniature on first use."""
+    check_models(args, models)  # what the user named, before the miniature fills in the rest (built once)
+    resolve_miniature(args)
+    for flag in models:
+        if not getattr(args, flag):
+            raise data.DataError(f"--{flag} is needed with your own --student / --data")
+    data.load_samples(args.data, args.video_root, args.skip_bad)
+    if args.eval_data:
+        data.load_samples(args.eval_data, args.video_root, args.skip_bad)
+    if getattr(args, "resume", False):
+        if not os.path.exists(f"{args.out}/checkpoint/step.json"):
+            raise data.DataError(f"--resume: no checkpoint in {args.out}/checkpoint")
+        done = checkpoint_step(args.out)
+        if done >= args.steps:  # nothing to train: the finished run stays as it is
+            raise data.DataError(f"--resume: {args.out} has trained {done} of --steps {args.steps}; raise --steps "
+                                 "to continue it")
+    elif os.path.isdir(args.out) and os.listdir(args.out):
+        if not args.overwrite:
+            raise data.DataError(f"{args.out} already holds a run: --resume continues it, --overwrite replaces it, "
+                                 "or choose another --out")
+        if fsdp.rank() == 0:
+            shutil.rmtree(args.out)
+        fsdp.barrier()
+    return args

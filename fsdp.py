@@ -1,0 +1,85 @@
+"""Several processes: `torchrun --nproc_per_node N opd.py ...` (or grpo.py, dpo.py, ...) with PyTorch's FSDP2.
+
+Each of the N copies shards the student and the teacher with `fully_shard` (every rank holds 1/N of each weight and
+gathers a layer only while running it), takes its own 1/N of each step's prompts (opd.plan), and FSDP averages the
+gradients. A plain `python opd.py` is rank 0 of 1 and none of this runs. On CPU the same path runs with the gloo
+backend (tests/test_distributed.py).
+"""
+import os
+
+import torch
+import torch.distributed as dist
+
+def init_distributed():
+    """Join torchrun's process group (NCCL on GPUs, gloo on CPU); a no-op for a single process."""
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+
+
+def rank():
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world():
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def barrier():
+    """Wait for every rank (a no-op for a single process)."""
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def load_device():
+    """Where to load weights: on CPU when sharding (fully_shard moves each rank's shard to its GPU), else the GPU."""
+    return "cpu" if dist.is_initialized() or not torch.cuda.is_available() else "cuda"
+
+
+def shard(model):
+    """FSDP2 units: each transformer block (the classes transformers lists as `_no_split_modules`), then the rest."""
+    if not dist.is_initialized():
+        return model
+    from torch.distributed.fsdp import fully_shard
+    mesh = dist.device_mesh.init_device_mesh("cuda" if torch.cuda.is_available() else "cpu", (world(),))
+    for module in model.modules():
+        if type(module).__name__ in model._no_split_modules:
+            fully_shard(module, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    # FSDP fixes which unit is the root at the first forward. transformers' generate runs the vision tower before
+    # the model's forward, which would make a vision block a root of its own: fix the structure now instead.
+    model._get_fsdp_state()._lazy_init()
+    return model
+
+
+def save_model(model, processor, path):
+    """save_pretrained of the gathered weights, from rank 0: a folder plain transformers loads."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    state = None  # a single process saves its own weights
+    if dist.is_initialized():  # gather the shards (every rank must call this)
+        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if rank() == 0:
+        model.save_pretrained(path, state_dict=state)
+        processor.save_pretrained(path)
+
+
+def optimizer_state(model, opt):
+    """The optimizer's state keyed by parameter name and gathered whole: resumable under any number of ranks."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+    return get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_optimizer_state(model, opt, state):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    set_optimizer_state_dict(model, opt, state, options=StateDictOptions(full_state_dict=dist.is_initialized()))
+
+
+def mean_over_ranks(values):
+    """A list of floats, averaged over ranks (for the log: each rank saw 1/N of the step's rollouts)."""
+    if not dist.is_initialized():
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device="cuda" if torch.cuda.is_available() else "cpu")
+    dist.all_reduce(t)
+    return (t / world()).tolist()
+
