@@ -246,6 +246,10 @@ def rest_of_sft(args, student, processor, evals, model, fit, cfg, report, state)
     model.load_state_dict(student.state_dict())
     toy.sft(model, processor, *fit, cfg.student_steps, cfg, "SFT student, second half",
             until=report["student_sft_steps"], state=state)
+    if cfg.feedback_steps:  # as toy.build does
+        toy.sft(model, processor, *fit, cfg.student_steps, cfg, "SFT student, feedback",
+                until=report["student_sft_steps"] + cfg.feedback_steps, state=state,
+                feedback_share=cfg.feedback_share)
     fsdp.save_model(model, processor, f"{args.out}/final")
     test = data.load_samples(args.eval_data, args.video_root, args.skip_bad)
     rows = {"SFT only": report["student"],

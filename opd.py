@@ -185,7 +185,8 @@ def distillation(args, teacher, vocab, forbidden):
 
     return score, loss_fn
 
-# ----------------------------------------------------------------------------- the training loop (OPD, GRPO, DPO)
+
+# ----------------------------------------------------------------------------- the training loop (every method)
 def plan(args, samples, step):
     """This rank's prompts of one step: [(mb, [Sample])] per micro-batch, mb = the micro-batch's place in the
     whole step (the same under any number of ranks; it seeds the sampling)."""
@@ -209,7 +210,7 @@ def prepare(args, processor, group, micro_batches):
 
 def train(args, student, processor, score, loss_fn, rollout_model=None, group=1, epochs=1, pool=None,
           after_step=None, token_mean=False, optimizer=None):
-    """Rollouts -> score -> update, `args.steps` times. Shared by opd.py, grpo.py and dpo.py.
+    """Rollouts -> score -> update, `args.steps` times. Shared by every method (opd, grpo, tvdf, dpo, va_opd, visd).
 
     score(seq, ids, mask, ious, chunk, videos) -> dict (no grad; e.g. the teacher's log-probs, or GRPO's
         advantages). seq: prompt + completion [B*group, L+T]; ids, mask [B*group, T]; ious: each rollout's

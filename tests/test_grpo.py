@@ -1,5 +1,6 @@
 """grpo.py: advantages, clipping, the IoU reward on tricky answers, a smoke run and resume."""
 import json
+import math
 
 import pytest
 import torch
@@ -49,10 +50,15 @@ def test_clipping_on_crafted_ratios():
 
 
 def test_k3_kl_is_zero_at_the_reference_and_positive_away():
+    """k3 = r - log r - 1, r = pi_ref / pi_theta, times beta, averaged over tokens: 0 at the reference, its value
+    on either side of it (k3 is not symmetric in log r)."""
     logp = torch.log(torch.tensor([[0.3, 0.6]]))
     mask, adv = torch.ones(1, 2), torch.zeros(1)
     assert grpo.grpo_loss(logp, logp, adv, mask, ref_logp=logp, beta=0.1).item() == pytest.approx(0.0, abs=1e-7)
-    assert grpo.grpo_loss(logp, logp, adv, mask, ref_logp=logp - 0.5, beta=0.1).item() > 0
+    for shift in (-0.5, 0.5):  # every token's log r is the shift
+        k3 = math.exp(shift) - shift - 1
+        value = grpo.grpo_loss(logp, logp, adv, mask, ref_logp=logp + shift, beta=0.1).item()
+        assert value == pytest.approx(0.1 * k3, rel=1e-5)
 
 
 @pytest.mark.parametrize("answer, reward", [

@@ -76,10 +76,11 @@ def test_checkpoint_generation_config_does_not_change_sampling(tiny, junk_studen
 
 
 @pytest.mark.parametrize("student", ["plain", "junk config", "gradient checkpointing, train mode"])
+@pytest.mark.parametrize("temperature", [0.7, 3.0])
 def test_sampling_distribution_is_the_scored_one_at_every_position(tiny, junk_student, padded_batch, student,
-                                                                   monkeypatch):
-    """log softmax of the scores generate sampled from == log softmax of completion_logits, at every real
-    completion position of every row of a left-padded batch (not only the first token of one prompt)."""
+                                                                   temperature, monkeypatch):
+    """The distribution generate samples from at temperature T (T != 1) == softmax(completion_logits at T), at
+    every real completion position of every row of a left-padded batch; vision tokens have probability 0 in both."""
     model, processor = ev.load_model(junk_student if student == "junk config" else tiny["student"])
     if student.startswith("gradient"):
         model.gradient_checkpointing_enable()
@@ -91,18 +92,25 @@ def test_sampling_distribution_is_the_scored_one_at_every_position(tiny, junk_st
         seen["scores"] = out.scores
         return out.sequences
     monkeypatch.setattr(model, "generate", recording)
-    temperature, forbidden = 0.7, ev.forbidden_ids(processor)
+    forbidden = ev.forbidden_ids(processor)
     torch.manual_seed(0)
     ids, mask = ev.generate(model, processor, padded_batch, 24, temperature)
     sampled = torch.log_softmax(torch.stack(seen["scores"], 1).float(), -1)  # [B, T, V]
     with torch.no_grad():
-        scored = torch.log_softmax(ev.completion_logits(model, ev.append_completion(padded_batch, ids, mask),
-                                                         ids.shape[1], temperature, forbidden), -1)
+        logits = ev.completion_logits(model, ev.append_completion(padded_batch, ids, mask), ids.shape[1],
+                                      temperature, forbidden)
+    scored = torch.log_softmax(logits, -1)
     real = mask.bool()
-    assert real.sum() > 2 * real.shape[0]  # many positions per row are compared
+    assert padded_batch["attention_mask"].sum(1).unique().numel() > 1  # prompts of different lengths
+    assert (real.sum(1) > 2).sum() > real.shape[0] // 2  # most rows compared at several positions
     assert torch.equal(torch.isinf(sampled[real]), torch.isinf(scored[real]))  # the same support
+    assert torch.isinf(sampled[real][:, forbidden]).all() and torch.isinf(scored[real][:, forbidden]).all()
+    assert not torch.isin(ids[real], torch.tensor(forbidden)).any()
     finite = ~torch.isinf(scored[real])
     assert torch.allclose(sampled[real][finite], scored[real][finite], atol=2e-4)
+    # and the match is of the temperature: the same logits at T = 1 are told apart
+    at_one = torch.log_softmax(logits * temperature, -1)
+    assert (at_one[real][finite] - sampled[real][finite]).abs().max() > 0.5  # measured: 3.4-3.8
 
 
 def test_bf16_loss_is_close_to_fp32(student_and_rollouts):
