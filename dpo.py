@@ -231,7 +231,7 @@ def halfway_student(args):
                              "only on the miniature, in one process")
     cfg = toy.ToyConfig(**report["config"])
     processor = AutoProcessor.from_pretrained(paths["student"])
-    fit, val, _ = toy.sft_splits(paths, cfg)
+    fit, _, _ = toy.sft_splits(paths, cfg)
     model = toy.make_model(processor, cfg.student, cfg.seed + len("student"))  # toy.build's seed for the student
     _, _, state = toy.sft(model, processor, *fit, cfg.student_steps, cfg, "SFT student, first half",
                           until=report["student_sft_steps"] // 2)
@@ -246,10 +246,7 @@ def rest_of_sft(args, student, processor, evals, model, fit, cfg, report, state)
     model.load_state_dict(student.state_dict())
     toy.sft(model, processor, *fit, cfg.student_steps, cfg, "SFT student, second half",
             until=report["student_sft_steps"], state=state)
-    if cfg.feedback_steps:  # as toy.build does
-        toy.sft(model, processor, *fit, cfg.student_steps, cfg, "SFT student, feedback",
-                until=report["student_sft_steps"] + cfg.feedback_steps, state=state,
-                feedback_share=cfg.feedback_share)
+    toy.feedback_sft(model, processor, fit, cfg.student_steps, cfg, "student", state)  # as toy.build does
     fsdp.save_model(model, processor, f"{args.out}/final")
     test = data.load_samples(args.eval_data, args.video_root, args.skip_bad)
     rows = {"SFT only": report["student"],

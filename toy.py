@@ -321,6 +321,13 @@ def greedy_answers(model, processor, samples, videos, feedback=None):
     return rows
 
 
+def feedback_sft(model, processor, fit, steps, cfg, name, state):
+    """The cfg.feedback_steps SFT steps after a stop (none by default; see build), going on from sft's `state`."""
+    if cfg.feedback_steps:
+        sft(model, processor, *fit, steps, cfg, f"SFT {name}, feedback", until=state["step"] + cfg.feedback_steps,
+            state=state, feedback_share=cfg.feedback_share)
+
+
 def toy_metrics(model, processor, samples, videos, feedback=None):
     """Greedy metrics + how many distinct answers the model gives (1 = it ignores the video) + % parseable."""
     rows = greedy_answers(model, processor, samples, videos, feedback)
@@ -381,9 +388,7 @@ def build(out="runs/toy", cfg=None):
         # constant-answer plateau (mIoU ~54 at 1,300 steps). Off by default: measured with 200 steps at 50%, the
         # student went from validation mIoU 65.9 at its stop to test mIoU 92.5 on plain prompts and read the
         # feedback badly (52.9 with it), so it moves every other row's start and still gives VISD no reader
-        if cfg.feedback_steps:
-            sft(model, processor, *fit, steps, cfg, f"SFT {name}, feedback",
-                until=state["step"] + cfg.feedback_steps, state=state, feedback_share=cfg.feedback_share)
+        feedback_sft(model, processor, fit, steps, cfg, name, state)
         model.save_pretrained(paths[name])
         processor.save_pretrained(paths[name])
         report[name] = toy_metrics(model, processor, test, test_v)
