@@ -234,7 +234,7 @@ def halfway_student(args):
     fit, _, _ = toy.sft_splits(paths, cfg)
     model = toy.make_model(processor, cfg.student, cfg.seed + len("student"))  # toy.build's seed for the student
     _, _, state = toy.sft(model, processor, *fit, cfg.student_steps, cfg, "SFT student, first half",
-                          until=report["student_sft_steps"] // 2)
+                          until=report["student_sft_steps"] // 2, feedback_share=cfg.feedback_share)
     args.student = f"{args.out}/halfway"
     model.save_pretrained(args.student), processor.save_pretrained(args.student)
     return model, fit, cfg, report, state
@@ -245,8 +245,7 @@ def rest_of_sft(args, student, processor, evals, model, fit, cfg, report, state)
     toy.build stopped, then the test metrics: SFT only (the miniature student) vs DPO in the middle of SFT."""
     model.load_state_dict(student.state_dict())
     toy.sft(model, processor, *fit, cfg.student_steps, cfg, "SFT student, second half",
-            until=report["student_sft_steps"], state=state)
-    toy.feedback_sft(model, processor, fit, cfg.student_steps, cfg, "student", state)  # as toy.build does
+            until=report["student_sft_steps"], state=state, feedback_share=cfg.feedback_share)
     fsdp.save_model(model, processor, f"{args.out}/final")
     test = data.load_samples(args.eval_data, args.video_root, args.skip_bad)
     rows = {"SFT only": report["student"],

@@ -1,7 +1,7 @@
 """Decoding, scoring and the field's metrics for temporal video grounding.
 
     python eval.py [--model M] [--data ANNOTATIONS] [--video-root DIR] [--out runs/eval/NAME]
-    python eval.py --compare runs/opd runs/grpo [...] [--target MIOU] [--compare-out runs/compare]
+    python eval.py --compare runs/opd runs/grpo [...] [--baseline runs/grpo | --target MIOU] [--compare-out runs/compare]
 
 With no --model/--data it evaluates the miniature teacher on the miniature test set (`python toy.py` first).
 Prints R1@0.3/0.5/0.7 and mIoU; writes one JSON line per query to OUT/preds.jsonl beside OUT/setup.json (model,
@@ -150,8 +150,9 @@ def judge(answer, sample, tolerance=0.25):
     temporal grounding     each boundary's error, its direction and size, and where the boundary really is
     -> {"iou", "consistent", "start_error", "end_error" (answer - truth in s; None without a span), "feedback"}:
     feedback is the verdict as one line of text, the teacher's privileged information (visd.py), e.g.
-    "Judge: IoU 0.33; a span, start before end; start 2.0 s too early, it is 4.0; end correct."
-    Ours: VISD's judge is an LLM writing free text; the tolerance (0.25 s, half the miniature's answer grid) too.
+    "Judge: IoU 0.33; a span, start before end; start 2.0 s too early, it is 4.0; end correct, it is 6.0."
+    Ours: VISD's judge is an LLM writing free text; the tolerance (0.25 s, half the miniature's answer grid) too; and
+    each boundary's true value is always named, so that reading the feedback is one skill (toy.feedback_prompts).
     """
     truth = sample.span
     span = data.parse_span(answer)
@@ -165,8 +166,8 @@ def judge(answer, sample, tolerance=0.25):
     parts = [f"IoU {iou(span, truth):.2f}", f"a span, {order}{place}"]
     for name, guess, real in (("start", span[0], truth[0]), ("end", span[1], truth[1])):
         error = guess - real
-        parts.append(f"{name} correct" if abs(error) <= tolerance else
-                     f"{name} {abs(error):.1f} s too {'late' if error > 0 else 'early'}, it is {real:.1f}")
+        verdict = "correct" if abs(error) <= tolerance else f"{abs(error):.1f} s too {'late' if error > 0 else 'early'}"
+        parts.append(f"{name} {verdict}, it is {real:.1f}")
     return {"iou": iou(span, truth), "consistent": consistent, "start_error": span[0] - truth[0],
             "end_error": span[1] - truth[1], "feedback": "Judge: " + "; ".join(parts) + "."}
 
@@ -274,11 +275,16 @@ def evaluate(model, processor, samples, **kw):
 
 
 # ----------------------------------------------------------------------------- comparing training runs
-def compare(runs, out="compare", target=None):
+def compare(runs, out="compare", target=None, baseline=None):
     """Runs' log.jsonl -> table (steps, wall, best/final mIoU and R1@0.5, time-to-target) + compare.json/.png.
 
-    Time-to-target: the wall time and step at which each run first reaches the best mIoU of the weakest run,
-    a target every run reaches; or `target` (an mIoU) when given, NaN for runs that never reach it.
+    Time-to-target, the paper's way (its Fig. 6: OPD's training cost to reach GRPO's accuracy): with `baseline` (a
+    configuration: runs named BASELINE-s0, BASELINE-s1, ... or one run BASELINE), the target is the baseline's best
+    mIoU, mean over its seeds; each run's time_to_target_s is the training wall-clock (evaluation excluded) at its
+    first evaluation at or above it (NaN if never), and compare.json's "ratio" holds, per configuration, the mean
+    and std of time_to_target_s / the baseline's mean time_to_target_s over the seeds that reach the target, and
+    how many do. Without a baseline the
+    target is `target` (an mIoU) or else the best mIoU of the weakest run, which every run reaches.
     """
     curves, costs = {}, {}
     for run in runs:
@@ -293,7 +299,13 @@ def compare(runs, out="compare", target=None):
         costs[run] = {"s_per_step": sum(split.values()), **{f"{k}_s": v for k, v in split.items()},
                       "other_%": 100 * split.get("other", 0) / max(sum(split.values()), 1e-9),
                       "tokens_per_s": float(np.mean([r["tokens_per_s"] for r in steps])) if steps else 0.0}
-    if target is None:
+    config = lambda run: re.sub(r"-s\d+$", "", run.rstrip("/"))  # runs NAME-s0, NAME-s1, ...: seeds of NAME
+    if baseline is not None:
+        base_runs = [r for r in curves if config(r) == baseline.rstrip("/")]
+        if not base_runs:
+            raise SystemExit(f"--baseline {baseline}: none of the runs is it or one of its seeds (NAME-sN)")
+        target = float(np.mean([max(e["eval"]["mIoU"] for e in curves[r]) for r in base_runs]))
+    elif target is None:
         target = min(max(e["eval"]["mIoU"] for e in evals) for evals in curves.values())
     summary = {}
     for run, evals in curves.items():
@@ -302,7 +314,15 @@ def compare(runs, out="compare", target=None):
                         "best_mIoU": max(e["eval"]["mIoU"] for e in evals), "final_mIoU": evals[-1]["eval"]["mIoU"],
                         "best_R1@0.5": max(e["eval"]["R1@0.5"] for e in evals),
                         "final_R1@0.5": evals[-1]["eval"]["R1@0.5"],
-                        "target_mIoU": target, "target_step": hit["step"], "target_wall_s": hit["wall"]}
+                        "target_mIoU": target, "target_step": hit["step"], "time_to_target_s": hit["wall"]}
+    ratio = {}
+    if baseline is not None:
+        base_time = float(np.nanmean([summary[r]["time_to_target_s"] for r in base_runs]))
+        for name in dict.fromkeys(config(r) for r in summary):
+            times = [summary[r]["time_to_target_s"] / base_time for r in summary if config(r) == name]
+            hit = [t for t in times if t == t]  # the seeds that reach the target (NaN: never)
+            ratio[name] = {"mean": float(np.mean(hit)) if hit else float("nan"),
+                           "std": float(np.std(hit)) if hit else float("nan"), "reached": len(hit), "seeds": len(times)}
     width = max(len(r) for r in runs) + 2
 
     def show(name, table, cell):  # {row: {column: value}} -> aligned text, one line per row
@@ -313,17 +333,22 @@ def compare(runs, out="compare", target=None):
     show("run", summary, lambda v: f"{v:14.1f}")
     print("\nwhere a training step's time goes (mean seconds per step)")
     show("run", costs, lambda v: f"{v:14.3f}")
-    groups = {}  # runs named NAME-s0, NAME-s1, ... are seeds of one configuration: mean and std over them
+    groups = {}
     for run, row in summary.items():
-        groups.setdefault(re.sub(r"-s\d+$", "", run.rstrip("/")), []).append(row)
+        groups.setdefault(config(run), []).append(row)
     cols = list(next(iter(summary.values())))
     seeds = {g: {k: (float(np.nanmean([r[k] for r in rows])), float(np.nanstd([r[k] for r in rows]))) for k in cols}
              for g, rows in groups.items() if len(rows) > 1}
     if seeds:
         print("\nmean ± std over seeds")
         show("config", seeds, lambda v: f"{v[0]:8.1f} ±{v[1]:4.1f}")
+    if ratio:
+        print(f"\ntime to {baseline}'s best mIoU ({target:.1f}), over {baseline}'s (mean ± std over seeds; NaN: never)")
+        for name, r in ratio.items():
+            print(f"{name:<{width}}{r['mean']:8.2f} ±{r['std']:5.2f}   ({r['reached']} of {r['seeds']} seeds reach it)")
     with open(out + ".json", "w") as f:
-        json.dump({"runs": summary, "seeds": seeds, "step_time": costs}, f, indent=1)
+        json.dump({"runs": summary, "seeds": seeds, "step_time": costs, "baseline": baseline, "target_mIoU": target,
+                   "ratio": ratio}, f, indent=1)
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -363,10 +388,12 @@ def main():
     p.add_argument("--compare", nargs="+", metavar="RUN", help="compare training runs (folders with log.jsonl)")
     p.add_argument("--compare-out", default="runs/compare", help="writes COMPARE_OUT.json and COMPARE_OUT.png")
     p.add_argument("--target", type=float, help="time-to-target mIoU (default: the weakest run's best)")
+    p.add_argument("--baseline", metavar="CONFIG", help="time-to-target the paper's way: the target is CONFIG's best "
+                   "mIoU (mean over its seeds CONFIG-sN), and compare.json gets each configuration's time ratio")
     args = p.parse_args()
     if args.compare:
         os.makedirs(os.path.dirname(os.path.abspath(args.compare_out)), exist_ok=True)
-        return compare(args.compare, args.compare_out, args.target)
+        return compare(args.compare, args.compare_out, args.target, args.baseline)
     for flag in ("batch_size", "max_new_tokens", "max_frames"):
         if getattr(args, flag) < 1:
             raise data.DataError(f"--{flag.replace('_', '-')} must be >= 1 (got {getattr(args, flag)})")

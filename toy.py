@@ -5,14 +5,17 @@
 builds (once; later calls reuse it):
   1. synthetic clips, written as real mp4 files and read back through data.load_video like Charades videos:
      coloured shapes (one by default, ToyConfig.shapes up to 3), each visible during its own whole-second
-     interval; the query names one ("the red circle") and its interval is the answer. Train/test annotations
-     in data.py's plain JSONL.
+     interval; the query names one ("the red circle") and its interval is the answer. Train/val/test annotations
+     in data.py's plain JSONL (val: SFT's stop and every tuning), and train_noisy.jsonl: train with a share of
+     wrong spans, listed in noisy.json (for TVDF's TRPV);
   2. an offline byte-level BPE tokenizer with the Qwen3-VL special tokens and chat template (digits one per token);
   3. two tiny Qwen3VLForConditionalGeneration models from Qwen3VLConfig (random init), a smaller student and a
      larger teacher, each saved with save_pretrained beside a real Qwen3VLProcessor, so that
      eval.load_model("runs/toy/teacher") takes the same path as "Qwen/Qwen3-VL-8B-Instruct";
-  4. SFT on the clips so that, as in the paper, the student already grounds but less precisely than the teacher.
-The test metrics of both models go to runs/toy/metrics.json.
+  4. SFT on the clips so that, as in the paper, the student already grounds but less precisely than the teacher;
+     an earlier checkpoint of the teacher's SFT is kept as a weaker teacher (teacher_weak), and a share of the
+     student's SFT prompts carry a judge's feedback, so that VISD's teacher can read it.
+The test metrics of the models go to runs/toy/metrics.json.
 """
 import argparse
 import json
@@ -56,23 +59,28 @@ class ToyConfig:
     frame: int = 32           # frame side in pixels: 32x32 = 2x2 patches -> 1 video token per frame pair
     shapes: int = 1           # shapes per clip (1-3; see the README's "The miniature" for why 1 by default)
     n_train: int = 2000
-    n_test: int = 128         # also the size of the validation split held out of SFT
+    n_test: int = 128
+    n_val: int = 128          # validation clips (val.jsonl): SFT's stop and every tuning; never the test clips
+    noisy_share: float = 0.2  # of train_noisy.jsonl's spans, the share replaced by a wrong one (see make_noisy)
     student: tuple = (64, 2, 64, 1)   # text hidden, text layers, vision hidden, vision depth
     teacher: tuple = (96, 3, 64, 1)
     student_steps: int = 1500  # at most: the student stops as soon as it grounds a little (see build)
-    teacher_steps: int = 2500
+    # the cosine schedule's length (the teacher stops at validation mIoU 95): over 2,500 steps, its lr stayed high
+    # long enough that the teacher sat on a constant-answer plateau to step 1,200 and ended at 70.6; over 1,200 it
+    # reached 100 by step 500-700 in all four variants tried (README, "The miniature")
+    teacher_steps: int = 1200
     batch: int = 16
     lr: float = 1.5e-3        # 3e-3 was unstable (teacher stuck at mIoU ~55 in one of two builds), 1e-3 slower
     vision_lr_mult: float = 10.0  # the vision tower's lr multiplier (see sft)
-    feedback_steps: int = 0       # SFT steps after the stop in which prompts may carry feedback (see build; 0: off)
-    feedback_share: float = 0.5   # of those steps' prompts: a judge's feedback on a wrong answer (feedback_prompts)
+    # of the student's SFT prompts, the share that carry a judge's feedback on a wrong answer, so that VISD's teacher
+    # (the student's EMA) can read it (ours: a quarter, enough to learn it, leaving 3/4 of the steps plain; build)
+    feedback_share: float = 0.25
     seed: int = 0
 
     @staticmethod
     def reduced():
         # 150 steps: enough for the answer format, so rollouts parse and earn rewards in the tests
-        return ToyConfig(n_train=16, n_test=8, student_steps=150, teacher_steps=150, batch=4,
-                         feedback_steps=30)
+        return ToyConfig(n_train=16, n_test=8, n_val=8, student_steps=150, teacher_steps=150, batch=4)
 
 
 # ----------------------------------------------------------------------------- 1. clips
@@ -123,16 +131,39 @@ def make_clip(path, rng, cfg):
 
 
 def make_clips(out, cfg):
-    """Clips + train.jsonl/test.jsonl (one query per clip) under `out`."""
+    """Clips + train.jsonl/test.jsonl/val.jsonl (one query per clip, every clip its own) under `out`."""
     rng = random.Random(cfg.seed)
     os.makedirs(f"{out}/videos", exist_ok=True)
-    for split, n in (("train", cfg.n_train), ("test", cfg.n_test)):
+    for split, n in (("train", cfg.n_train), ("test", cfg.n_test), ("val", cfg.n_val)):
         samples = []
         for i in tqdm(range(n), desc=f"clips ({split})"):
             path = f"{out}/videos/{split}{i:05d}.mp4"
             query, span = rng.choice(make_clip(path, rng, cfg))
             samples.append(data.Sample(os.path.abspath(path), query, span, float(cfg.seconds), f"{split}{i:05d}"))
         data.write_jsonl(samples, f"{out}/{split}.jsonl")
+
+
+def make_noisy(out, cfg):
+    """train_noisy.jsonl: train.jsonl with a cfg.noisy_share of its spans replaced by a wrong one (a random span
+    of IoU < 0.3 with the truth); noisy.json lists those ids with both spans.
+
+    Why (ours): real annotations are noisy (a share of Charades-STA's spans miss their event; 20% is our stand-in,
+    not a measured rate), and TVDF's TRPV exists to drop such samples; the clean file stays the default pool.
+    """
+    rng = random.Random(cfg.seed + 2)
+    samples, wrong = data.load_annotations(f"{out}/train.jsonl"), {}
+    for i in rng.sample(range(len(samples)), round(cfg.noisy_share * len(samples))):
+        s = samples[i]
+        while True:
+            start = rng.randint(0, cfg.seconds - 1)
+            span = (float(start), float(rng.randint(start + 1, min(cfg.seconds, start + cfg.seconds // 2))))
+            if ev.iou(span, s.span) < 0.3:
+                break
+        wrong[s.id] = {"given": span, "true": s.span}
+        samples[i] = dataclasses.replace(s, span=span)
+    data.write_jsonl(samples, f"{out}/train_noisy.jsonl")
+    with open(f"{out}/noisy.json", "w") as f:
+        json.dump(wrong, f, indent=0)
 
 
 def save_strip(sample, path, scale=4):
@@ -219,20 +250,16 @@ def answer_labels(processor, batch):
     return labels
 
 
-def feedback_prompts(samples, share, seed):
-    """For a `share` of the samples, the judge's feedback (eval.judge) on a wrong answer, to carry in the SFT prompt;
-    None for the others. The wrong answer: 10% no span at all, else each boundary of the truth moved by -3..3 s
-    (0 included: "correct" must be readable too).
+def feedback_prompts(samples, seed):
+    """Per sample, the judge's feedback (eval.judge) on a wrong answer, to carry in an SFT prompt. The wrong answer:
+    10% no span at all, else each boundary of the truth moved by -3..3 s (0 included: "correct" is read too).
 
-    Why (ours): VISD's teacher reads feedback in its prompt, as instruction-tuned models can; the miniature's models
-    learn to read it here, with the true answer as the target, so that the EMA teacher can use what it is told.
+    Why (ours): VISD's teacher reads feedback in its prompt, as instruction-tuned models can; the miniature's student
+    learns to read it here, with the true answer as the target, so that its EMA teacher can use what it is told.
     """
     rng = random.Random(seed + 1)
     out = []
     for s in samples:
-        if rng.random() >= share:
-            out.append(None)
-            continue
         shift = lambda t: min(max(t + rng.randint(-3, 3), 0.0), s.duration or t + 3)
         wrong = "" if rng.random() < 0.1 else data.ANSWER.format(start=shift(s.span[0]), end=shift(s.span[1]))
         out.append(ev.judge(wrong, s)["feedback"])
@@ -269,15 +296,17 @@ def collate(items, pad_id):
 
 def sft(model, processor, samples, videos, steps, cfg, desc, val=None, stop=None, eval_every=100, until=None,
         state=None, feedback_share=0.0):
-    """Supervised fine-tuning on ground-truth answers (AdamW, cosine schedule over `steps`); a `feedback_share` of
-    the prompts carry a judge's feedback on a wrong answer (feedback_prompts).
+    """Supervised fine-tuning on ground-truth answers (AdamW, cosine schedule over `steps`); each prompt of a batch
+    carries a judge's feedback on a wrong answer (feedback_prompts) with probability `feedback_share`.
 
     val, stop: optional (samples, videos) and a predicate on eval metrics; training ends at the first
     evaluation where stop(metrics) holds. until: pause after this step; state: what a paused sft returned, to go on
     from there (dpo.py --pre-sft puts DPO in between). Returns (the last evaluation's metrics or None, steps taken,
     state).
     """
-    items = encode_each(processor, samples, videos, feedback=feedback_prompts(samples, feedback_share, cfg.seed))
+    items = encode_each(processor, samples, videos)
+    judged = encode_each(processor, samples, videos, feedback=feedback_prompts(samples, cfg.seed)) \
+        if feedback_share else items
     if state is None:
         # The vision tower gets a higher lr: at init its outputs barely differ between frames, and with the text
         # lr the models sat longer on a constant-answer plateau.
@@ -295,7 +324,8 @@ def sft(model, processor, samples, videos, steps, cfg, desc, val=None, stop=None
     for step in bar:
         model.train()
         idx = rng.sample(range(len(items)), cfg.batch)
-        batch = collate([items[i] for i in idx], processor.tokenizer.pad_token_id)  # no processor work per step
+        chosen = [judged[i] if feedback_share and rng.random() < feedback_share else items[i] for i in idx]
+        batch = collate(chosen, processor.tokenizer.pad_token_id)  # no processor work per step
         loss = model(**batch).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -321,13 +351,6 @@ def greedy_answers(model, processor, samples, videos, feedback=None):
     return rows
 
 
-def feedback_sft(model, processor, fit, steps, cfg, name, state):
-    """The cfg.feedback_steps SFT steps after a stop (none by default; see build), going on from sft's `state`."""
-    if cfg.feedback_steps:
-        sft(model, processor, *fit, steps, cfg, f"SFT {name}, feedback", until=state["step"] + cfg.feedback_steps,
-            state=state, feedback_share=cfg.feedback_share)
-
-
 def toy_metrics(model, processor, samples, videos, feedback=None):
     """Greedy metrics + how many distinct answers the model gives (1 = it ignores the video) + % parseable."""
     rows = greedy_answers(model, processor, samples, videos, feedback)
@@ -350,18 +373,16 @@ def reward_spread(model, processor, samples, videos, n=8):
 # ----------------------------------------------------------------------------- build
 def miniature_paths(out):
     """Where build puts each part of the miniature under `out`."""
-    return {"student": f"{out}/student", "teacher": f"{out}/teacher", "train": f"{out}/train.jsonl",
+    return {"student": f"{out}/student", "teacher": f"{out}/teacher", "teacher_weak": f"{out}/teacher_weak",
+            "train": f"{out}/train.jsonl", "train_noisy": f"{out}/train_noisy.jsonl", "val": f"{out}/val.jsonl",
             "test": f"{out}/test.jsonl", "metrics": f"{out}/metrics.json"}
 
 
 def sft_splits(paths, cfg):
-    """The SFT data, decoded: (fit, val, test), each (samples, videos); val is the end of train.jsonl, held out
-    from SFT and used to decide when to stop."""
-    train, test = data.load_annotations(paths["train"]), data.load_annotations(paths["test"])
-    train_v = [data.load_video(s.video) for s in tqdm(train, desc="decode train clips")]
-    n_val = min(cfg.n_test, len(train) // 2)
-    return (train[:-n_val], train_v[:-n_val]), (train[-n_val:], train_v[-n_val:]), \
-        (test, [data.load_video(s.video) for s in test])
+    """The SFT data, decoded: (fit, val, test), each (samples, videos): train.jsonl, val.jsonl (held out from SFT
+    and used to decide when to stop) and test.jsonl."""
+    splits = [data.load_annotations(paths[k]) for k in ("train", "val", "test")]
+    return [(s, [data.load_video(x.video) for x in tqdm(s, desc="decode clips")]) for s in splits]
 
 
 def build(out="runs/toy", cfg=None):
@@ -372,31 +393,38 @@ def build(out="runs/toy", cfg=None):
         return paths
     t0 = time.time()
     make_clips(out, cfg)
+    make_noisy(out, cfg)
     processor = make_processor(f"{out}/processor", cfg)
     fit, val, (test, test_v) = sft_splits(paths, cfg)
     report = {}
-    for name, size, steps, every, stop in (
-            ("teacher", cfg.teacher, cfg.teacher_steps, 100, lambda m: m["mIoU"] >= 95),
-            # stop the student once it uses the video but still grounds imprecisely, as base Qwen3-VL does;
-            # grounding emerges fast once it starts, so look often
-            ("student", cfg.student, cfg.student_steps, 10, lambda m: m["mIoU"] >= 40 and m["distinct"] >= 10)):
-        model = make_model(processor, size, cfg.seed + len(name))
-        _, report[f"{name}_sft_steps"], state = sft(model, processor, *fit, steps, cfg, f"SFT {name}", val=val,
-                                                    stop=stop, eval_every=every)
-        # then, with feedback_steps > 0, it learns to read a judge's feedback (VISD's teacher view), after the stop
-        # and on the same schedule and data: mixed in from the start (25%), feedback prompts kept the teacher on a
-        # constant-answer plateau (mIoU ~54 at 1,300 steps). Off by default: measured with 200 steps at 50%, the
-        # student went from validation mIoU 65.9 at its stop to test mIoU 92.5 on plain prompts and read the
-        # feedback badly (52.9 with it), so it moves every other row's start and still gives VISD no reader
-        feedback_sft(model, processor, fit, steps, cfg, name, state)
-        model.save_pretrained(paths[name])
-        processor.save_pretrained(paths[name])
+
+    def save(model, name):
+        model.save_pretrained(paths[name]), processor.save_pretrained(paths[name])
         report[name] = toy_metrics(model, processor, test, test_v)
         report[name]["params"] = sum(p.numel() for p in model.parameters())
         report[name]["sampled_reward_spread_%"] = reward_spread(model, processor, test[:16], test_v[:16])
-        # can it read VISD's feedback? greedy mIoU with the judge's verdict on its own greedy answer in the prompt
-        verdicts = [ev.judge(a, s)["feedback"] for a, s in zip(greedy_answers(model, processor, test, test_v), test)]
-        report[name]["mIoU_with_feedback"] = toy_metrics(model, processor, test, test_v, verdicts)["mIoU"]
+
+    # the teacher; on the way, at its first validation mIoU >= 80, a weaker one (an earlier checkpoint of the same
+    # SFT: clearly imperfect, still clearly above the student; ours, for the curriculum and off-policy runs; at 70 it
+    # stopped at step 250 and tested at 67.6, the student's level)
+    teacher = make_model(processor, cfg.teacher, cfg.seed + len("teacher"))
+    _, report["teacher_weak_sft_steps"], state = sft(teacher, processor, *fit, cfg.teacher_steps, cfg, "SFT teacher",
+                                                     val=val, stop=lambda m: m["mIoU"] >= 80, eval_every=50)
+    save(teacher, "teacher_weak")
+    _, report["teacher_sft_steps"], _ = sft(teacher, processor, *fit, cfg.teacher_steps, cfg, "SFT teacher",
+                                            val=val, stop=lambda m: m["mIoU"] >= 95, eval_every=50, state=state)
+    save(teacher, "teacher")
+    # the student stops once it uses the video but still grounds imprecisely, as base Qwen3-VL does; grounding
+    # emerges fast once it starts, so look often. Its prompts carry a judge's feedback at times (VISD's teacher is
+    # its EMA, which has to read it; the teachers never see feedback)
+    student = make_model(processor, cfg.student, cfg.seed + len("student"))
+    _, report["student_sft_steps"], _ = sft(student, processor, *fit, cfg.student_steps, cfg, "SFT student", val=val,
+                                            stop=lambda m: m["mIoU"] >= 40 and m["distinct"] >= 10, eval_every=10,
+                                            feedback_share=cfg.feedback_share)
+    save(student, "student")
+    # can it read VISD's feedback? greedy mIoU with the judge's verdict on its own greedy answer in the prompt
+    verdicts = [ev.judge(a, s)["feedback"] for a, s in zip(greedy_answers(student, processor, test, test_v), test)]
+    report["student"]["mIoU_with_feedback"] = toy_metrics(student, processor, test, test_v, verdicts)["mIoU"]
     report["build_seconds"] = round(time.time() - t0, 1)
     report["config"] = dataclasses.asdict(cfg)  # what built it (dpo.py --pre-sft rebuilds the student's SFT)
     with open(paths["metrics"], "w") as f:

@@ -1,5 +1,6 @@
 """eval.py: IoU and metrics, the real model path (load_model, generate, predict) and the CLI with resume."""
 import json
+import os
 import subprocess
 import sys
 from contextlib import contextmanager
@@ -224,7 +225,7 @@ def test_compare_time_to_target_and_seed_groups(tmp_path):
     runs = [str(tmp_path / n) for n in ("fast-s0", "fast-s1", "slow")]
     out = ev.compare(runs, str(tmp_path / "cmp"))
     assert out[runs[0]]["target_mIoU"] == 60 and out[runs[0]]["target_step"] == 10
-    assert out[runs[2]]["target_step"] == 30 and out[runs[2]]["target_wall_s"] == 60
+    assert out[runs[2]]["target_step"] == 30 and out[runs[2]]["time_to_target_s"] == 60
     assert out[runs[0]]["best_mIoU"] == 90 and out[runs[1]]["final_mIoU"] == 80
     saved = json.load(open(tmp_path / "cmp.json"))
     assert saved["seeds"][str(tmp_path / "fast")]["best_mIoU"] == [85.0, 5.0]  # mean, std over the two seeds
@@ -232,3 +233,25 @@ def test_compare_time_to_target_and_seed_groups(tmp_path):
     assert (tmp_path / "cmp.png").stat().st_size > 1000
     never = ev.compare(runs, str(tmp_path / "cmp2"), target=85)
     assert never[runs[0]]["target_step"] == 30 and never[runs[2]]["target_step"] != never[runs[2]]["target_step"]
+
+
+def test_compare_time_to_target_against_a_baseline(tmp_path):
+    """The paper's way: target = the baseline's best mIoU, mean over its seeds (60 and 70: 65); ratio = a run's time
+    to it over the baseline's mean time (only base-s1 reaches 65, at 20 s), over the seeds that reach it."""
+    _fake_run(tmp_path / "base-s0", [50, 60, 60, 60], step_time=1.0)  # never 65
+    _fake_run(tmp_path / "base-s1", [50, 60, 66, 70], step_time=1.0)  # 65 at step 20
+    _fake_run(tmp_path / "fast-s0", [50, 65, 90], step_time=1.0)      # at step 10: ratio 0.5
+    _fake_run(tmp_path / "fast-s1", [50, 60, 70], step_time=1.0)      # at step 20: ratio 1.0
+    _fake_run(tmp_path / "costly", [50, 60, 70], step_time=3.0)       # at step 20, 3 s a step: ratio 3.0
+    runs = [str(tmp_path / n) for n in ("base-s0", "base-s1", "fast-s0", "fast-s1", "costly")]
+    out = ev.compare(runs, str(tmp_path / "cmp"), baseline=str(tmp_path / "base"))
+    assert all(r["target_mIoU"] == 65 for r in out.values())
+    times = [out[r]["time_to_target_s"] for r in runs]
+    assert times[0] != times[0] and times[1:] == [20, 10, 20, 60]
+    saved = json.load(open(tmp_path / "cmp.json"))
+    assert saved["target_mIoU"] == 65 and saved["baseline"] == str(tmp_path / "base")
+    ratio = {os.path.basename(k): v for k, v in saved["ratio"].items()}
+    assert ratio["fast"] == {"mean": 0.75, "std": 0.25, "reached": 2, "seeds": 2}
+    assert ratio["base"]["reached"] == 1 and ratio["base"]["mean"] == 1.0 and ratio["costly"]["mean"] == 3.0
+    with pytest.raises(SystemExit, match="none of the runs"):
+        ev.compare(runs, str(tmp_path / "cmp3"), baseline=str(tmp_path / "grpo"))

@@ -73,7 +73,7 @@ def test_lambda_mixes_the_teacher_weight_with_grpo_and_the_schedule_hands_over()
 
 
 @pytest.mark.parametrize("answer, words", [
-    ("The event happens in 2.0 - 5.0 seconds", ["IoU 1.00", "start correct", "end correct"]),
+    ("The event happens in 2.0 - 5.0 seconds", ["IoU 1.00", "start correct, it is 2.0", "end correct, it is 5.0"]),
     ("The event happens in 1.0 - 5.5 seconds", ["start 1.0 s too early, it is 2.0", "end 0.5 s too late, it is 5.0"]),
     ("The event happens in 6.0 - 3.0 seconds", ["IoU 0.00", "start not before end", "start 4.0 s too late"]),
     ("The event happens in 7.0 - 9.0 seconds", ["outside the video", "IoU 0.00"]),
