@@ -73,14 +73,9 @@ def test_full_build_meets_its_targets(tmp_path):
     paths = toy.build(str(tmp_path / "toy"))
     m = json.load(open(paths["metrics"]))
     assert m["teacher"]["mIoU"] >= 75
-    # 7 distinct answers measured (mIoU 67.4): with feedback in a quarter of its prompts the student ran its whole
-    # schedule without reaching the stop's 10; its 8 sampled answers still differ in IoU on most prompts
-    assert m["student"]["parseable"] >= 95 and m["student"]["distinct"] >= 5
-    assert m["student"]["sampled_reward_spread_%"] >= 50
+    assert m["student"]["parseable"] >= 95 and m["student"]["distinct"] >= 10
     assert m["teacher"]["mIoU"] - m["student"]["mIoU"] >= 20
     # the weaker teacher: clearly imperfect, still clearly above the student
     assert m["student"]["mIoU"] + 10 <= m["teacher_weak"]["mIoU"] <= m["teacher"]["mIoU"] - 10
-    # the student reads the judge's feedback (VISD): with it, better than without
-    assert m["student"]["mIoU_with_feedback"] >= m["student"]["mIoU"] + 20
     assert m["student"]["sampled_reward_spread_%"] > 0
     assert m["build_seconds"] < 600
