@@ -23,7 +23,8 @@ import toy
 
 def parse(cls, miniature, drop=(), choices=None, bounds=None):
     """Command line -> cls instance: every dataclass field but `drop` is a flag, its --help line the comment beside
-    the field; the miniature's values fill in what the user did not give when no models/data are named.
+    the field; the miniature's values fill in what the user did not give when every model/data named (if any) is
+    part of the miniature in runs/toy (of_miniature).
 
     choices: {field: allowed values} (a typo must not fall back to a default); bounds: {field: (low, inclusive)}.
     Bad values are a DataError before anything runs.
@@ -48,15 +49,21 @@ def parse(cls, miniature, drop=(), choices=None, bounds=None):
         low, inclusive = (bounds or {}).get(name, (None, True))
         if low is not None and (value < low or (value == low and not inclusive)):
             raise data.DataError(f"--{name.replace('_', '-')} must be {'>=' if inclusive else '>'} {low} (got {value})")
-    on_miniature = not any(given.get(k) for k in ("student", "teacher", "data"))
+    # the miniature's settings unless a named model or data file is not part of runs/toy (its weaker teacher or
+    # noisy pool keep them; a real checkpoint, or another folder, gets the paper's)
+    on_miniature = all(of_miniature(given[k]) for k in ("student", "teacher", "data") if given.get(k))
     args = cls(**{**(miniature if on_miniature else {}), **given})
     names = {f.name for f in fields}
     settings = ", ".join(f"{k.replace('_', ' ')} {getattr(args, k)}" for k in (
         "steps", "lr", "loss", "prompts_per_step", "group_size", "max_new_tokens") if k in names)
     if os.environ.get("RANK", "0") == "0":  # under torchrun: once
-        print(("miniature (no --student/--teacher/--data): " if on_miniature else "paper defaults where not given: ")
-              + settings)
+        print(("miniature (runs/toy): " if on_miniature else "paper defaults where not given: ") + settings)
     return args
+
+
+def of_miniature(path, out="runs/toy"):
+    """Whether a model folder or annotation file is part of the miniature toy.ensure builds in `out`."""
+    return os.path.abspath(path).startswith(os.path.abspath(out) + os.sep)
 
 
 def check_models(args, flags):

@@ -155,3 +155,17 @@ def test_sigterm_saves_the_step_and_stops_the_workers(tiny, tmp_path):
     res = _cli("opd.py", *_common(tiny, out), "--steps", str(step + 1), "--eval-every", "0", "--resume")
     assert res.returncode == 0, res.stderr[-2000:]
     assert [r["step"] for r in map(json.loads, open(log)) if "loss" in r] == list(range(1, step + 2))
+
+
+def test_the_miniatures_own_models_and_data_keep_its_settings(tmp_path, monkeypatch):
+    """Its weaker teacher or noisy pool named on the command line still run with the miniature's settings; any
+    other model or data gets the paper's (lr 1e-6)."""
+    import cli
+    import opd
+    monkeypatch.chdir(tmp_path)
+    assert cli.of_miniature("runs/toy/teacher_weak") and cli.of_miniature("runs/toy/train_noisy.jsonl")
+    assert not cli.of_miniature("runs/toy-other/student") and not cli.of_miniature("Qwen/Qwen3-VL-8B-Instruct")
+    for argv, lr in ((["--teacher", "runs/toy/teacher_weak", "--data", "runs/toy/train_noisy.jsonl"], 1e-3),
+                     (["--teacher", "Qwen/Qwen3-VL-32B-Instruct"], 1e-6)):
+        monkeypatch.setattr(sys, "argv", ["opd.py", *argv])
+        assert cli.parse(opd.Args, opd.MINIATURE, choices=opd.CHOICES, bounds=opd.BOUNDS).lr == lr

@@ -1,0 +1,64 @@
+#!/bin/bash
+# Regenerates every number of the README's "Results in miniature": bash docs/results.sh (from the repo root).
+#
+# The protocol (the same for every method; README, "Results in miniature"):
+#   1. the miniature (toy.py; cached in runs/toy);
+#   2. an lr grid per method, seed 0, judged on the validation clips (runs/toy/val.jsonl, never the test clips),
+#      two runs at a time, one thread each: only their mIoU is read;
+#   3. each method at its best grid lr (the highest best validation mIoU), seeds 0-2, on the test clips, one run at
+#      a time with the same two threads, so that their wall-clocks compare (time-to-target, eval.py --baseline);
+#   4. the curriculum and on- vs off-policy on the noisy pool (train_noisy.jsonl) with the weaker teacher, 3 seeds,
+#      two at a time;
+#   5. the tables: runs/results/compare.json (headline) and runs/results/noisy.json.
+# Runs that already finished are kept (a script refuses to overwrite a finished run), so it can be resumed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python toy.py
+R=runs/results
+VAL="--eval-data runs/toy/val.jsonl"
+two_at_a_time() { xargs -P 2 -I{} sh -c 'OMP_NUM_THREADS=1 {} > /dev/null 2>&1 || echo "failed: {}"'; }
+
+# 2. the lr grid on validation (GRPO for 1,000 steps, to see its plateau)
+{
+  for lr in 1e-4 3e-4 1e-3; do
+    [ -d $R/grid/grpo-lr$lr/final ] || echo "python grpo.py --lr $lr --steps 1000 --eval-every 50 $VAL --out $R/grid/grpo-lr$lr"
+  done
+  for lr in 3e-4 1e-3 3e-3; do
+    [ -d $R/grid/opd-sampled-lr$lr/final ] || echo "python opd.py --loss sampled --lr $lr $VAL --out $R/grid/opd-sampled-lr$lr"
+    [ -d $R/grid/opd-lr$lr/final ] || echo "python opd.py --lr $lr $VAL --out $R/grid/opd-lr$lr"
+  done
+} | two_at_a_time
+best_lr() {  # the grid lr of method $1 with the highest best validation mIoU
+  python - "$R/grid" "$1" <<'EOF'
+import glob, json, sys
+runs = glob.glob(f"{sys.argv[1]}/{sys.argv[2]}-lr*/log.jsonl")
+best = lambda p: max(json.loads(l)["eval"]["mIoU"] for l in open(p) if '"eval"' in l)
+print(max(runs, key=best).split("-lr")[-1].split("/")[0])
+EOF
+}
+GRPO_LR=$(best_lr grpo); SAMPLED_LR=$(best_lr opd-sampled); OPD_LR=$(best_lr opd)
+echo "chosen on validation: GRPO lr $GRPO_LR, OPD (Eq. 5-6) lr $SAMPLED_LR, OPD (full KL) lr $OPD_LR"
+
+# 3. three seeds each, one at a time (GRPO at its default budget, which runs it to its plateau)
+for s in 0 1 2; do
+  [ -d $R/grpo-s$s/final ] || python grpo.py --lr $GRPO_LR --seed $s --out $R/grpo-s$s
+  [ -d $R/opd-sampled-s$s/final ] || python opd.py --loss sampled --lr $SAMPLED_LR --seed $s --out $R/opd-sampled-s$s
+  [ -d $R/opd-s$s/final ] || python opd.py --lr $OPD_LR --seed $s --out $R/opd-s$s
+  # equal prompts per step: GRPO with OPD's 16 prompts, 8 rollouts each
+  [ -d $R/grpo-16x8-s$s/final ] || python grpo.py --lr $GRPO_LR --prompts-per-step 16 --steps 200 --seed $s \
+      --out $R/grpo-16x8-s$s
+done
+python eval.py --compare $R/{opd,opd-sampled,grpo,grpo-16x8}-s{0,1,2} --baseline $R/grpo --compare-out $R/compare
+
+# 4. the noisy pool and the weaker teacher: OPD, OPD + TVDF, its two parts, off-policy
+N="--data runs/toy/train_noisy.jsonl --teacher runs/toy/teacher_weak --lr $OPD_LR"
+{
+  for s in 0 1 2; do
+    for run in "opd.py $N --out $R/noisy/opd-s$s" "tvdf.py $N --out $R/noisy/tvdf-s$s" \
+               "tvdf.py $N --strategy random --out $R/noisy/trpv-only-s$s" "tvdf.py $N --tau 0 --out $R/noisy/dbtp-only-s$s" \
+               "opd.py $N --rollouts teacher --out $R/noisy/offpolicy-s$s"; do
+      [ -d "$(echo $run | sed 's/.*--out //')/final" ] || echo "python $run --seed $s"
+    done
+  done
+} | two_at_a_time
+python eval.py --compare $R/noisy/{opd,tvdf,trpv-only,dbtp-only,offpolicy}-s{0,1,2} --compare-out $R/noisy
