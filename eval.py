@@ -283,8 +283,7 @@ def compare(runs, out="compare", target=None, baseline=None):
     mIoU, mean over its seeds; each run's time_to_target_s is the training wall-clock (evaluation excluded) at its
     first evaluation at or above it (NaN if never), and compare.json's "ratio" holds, per configuration, the mean
     and std of time_to_target_s / the baseline's mean time_to_target_s over the seeds that reach the target, and
-    how many do. Without a baseline the
-    target is `target` (an mIoU) or else the best mIoU of the weakest run, which every run reaches.
+    how many do. Without a baseline the target is `target` (an mIoU) or else the weakest run's best mIoU.
     """
     curves, costs = {}, {}
     for run in runs:
@@ -303,7 +302,7 @@ def compare(runs, out="compare", target=None, baseline=None):
     if baseline is not None:
         base_runs = [r for r in curves if config(r) == baseline.rstrip("/")]
         if not base_runs:
-            raise SystemExit(f"--baseline {baseline}: none of the runs is it or one of its seeds (NAME-sN)")
+            raise data.DataError(f"--baseline {baseline}: none of the runs is it or one of its seeds (NAME-sN)")
         target = float(np.mean([max(e["eval"]["mIoU"] for e in curves[r]) for r in base_runs]))
     elif target is None:
         target = min(max(e["eval"]["mIoU"] for e in evals) for evals in curves.values())

@@ -13,8 +13,8 @@ builds (once; later calls reuse it):
      larger teacher, each saved with save_pretrained beside a real Qwen3VLProcessor, so that
      eval.load_model("runs/toy/teacher") takes the same path as "Qwen/Qwen3-VL-8B-Instruct";
   4. SFT on the clips so that, as in the paper, the student already grounds but less precisely than the teacher;
-     an earlier checkpoint of the teacher's SFT is kept as a weaker teacher (teacher_weak), and a share of the
-     student's SFT prompts carry a judge's feedback, so that VISD's teacher can read it.
+     an earlier checkpoint of the teacher's SFT is kept as a weaker teacher (teacher_weak); ToyConfig.feedback_share
+     puts a judge's feedback in a share of the student's SFT prompts (VISD's reader; off by default).
 The test metrics of the models go to runs/toy/metrics.json.
 """
 import argparse
@@ -67,7 +67,7 @@ class ToyConfig:
     student_steps: int = 1500  # at most: the student stops as soon as it grounds a little (see build)
     # the cosine schedule's length (the teacher stops at validation mIoU 95): over 2,500 steps, its lr stayed high
     # long enough that the teacher sat on a constant-answer plateau to step 1,200 and ended at 70.6; over 1,200 it
-    # reached 100 by step 500-700 in all four variants tried (README, "The miniature")
+    # reached 100 by step 400-700 in all four variants tried (README, "The miniature")
     teacher_steps: int = 1200
     batch: int = 16
     lr: float = 1.5e-3        # 3e-3 was unstable (teacher stuck at mIoU ~55 in one of two builds), 1e-3 slower

@@ -253,5 +253,5 @@ def test_compare_time_to_target_against_a_baseline(tmp_path):
     ratio = {os.path.basename(k): v for k, v in saved["ratio"].items()}
     assert ratio["fast"] == {"mean": 0.75, "std": 0.25, "reached": 2, "seeds": 2}
     assert ratio["base"]["reached"] == 1 and ratio["base"]["mean"] == 1.0 and ratio["costly"]["mean"] == 3.0
-    with pytest.raises(SystemExit, match="none of the runs"):
+    with pytest.raises(data.DataError, match="none of the runs"):
         ev.compare(runs, str(tmp_path / "cmp3"), baseline=str(tmp_path / "grpo"))
