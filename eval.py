@@ -1,7 +1,8 @@
 """Decoding, scoring and the field's metrics for temporal video grounding.
 
     python eval.py [--model M] [--data ANNOTATIONS] [--video-root DIR] [--out runs/eval/NAME]
-    python eval.py --compare runs/opd runs/grpo [...] [--baseline runs/grpo | --target MIOU] [--compare-out runs/compare]
+    python eval.py --compare runs/opd runs/grpo [...] [--baseline runs/grpo | --target MIOU]
+                   [--compare-out runs/compare]
 
 With no --model/--data it evaluates the miniature teacher on the miniature test set (`python toy.py` first).
 Prints R1@0.3/0.5/0.7 and mIoU; writes one JSON line per query to OUT/preds.jsonl beside OUT/setup.json (model,
@@ -319,9 +320,10 @@ def compare(runs, out="compare", target=None, baseline=None):
         base_time = float(np.nanmean([summary[r]["time_to_target_s"] for r in base_runs]))
         for name in dict.fromkeys(config(r) for r in summary):
             times = [summary[r]["time_to_target_s"] / base_time for r in summary if config(r) == name]
-            hit = [t for t in times if t == t]  # the seeds that reach the target (NaN: never)
-            ratio[name] = {"mean": float(np.mean(hit)) if hit else float("nan"),
-                           "std": float(np.std(hit)) if hit else float("nan"), "reached": len(hit), "seeds": len(times)}
+            reached = [t for t in times if t == t]  # the seeds that reach the target (NaN: never)
+            ratio[name] = {"mean": float(np.mean(reached)) if reached else float("nan"),
+                           "std": float(np.std(reached)) if reached else float("nan"), "reached": len(reached),
+                           "seeds": len(times)}
     width = max(len(r) for r in runs) + 2
 
     def show(name, table, cell):  # {row: {column: value}} -> aligned text, one line per row
@@ -342,9 +344,11 @@ def compare(runs, out="compare", target=None, baseline=None):
         print("\nmean ± std over seeds")
         show("config", seeds, lambda v: f"{v[0]:8.1f} ±{v[1]:4.1f}")
     if ratio:
-        print(f"\ntime to {baseline}'s best mIoU ({target:.1f}), over {baseline}'s (mean ± std over seeds; NaN: never)")
+        print(f"\ntime to {baseline}'s best mIoU ({target:.1f}), over {baseline}'s "
+              "(mean ± std over seeds; NaN: never)")
         for name, r in ratio.items():
-            print(f"{name:<{width}}{r['mean']:8.2f} ±{r['std']:5.2f}   ({r['reached']} of {r['seeds']} seeds reach it)")
+            print(f"{name:<{width}}{r['mean']:8.2f} ±{r['std']:5.2f}   "
+                  f"({r['reached']} of {r['seeds']} seeds reach it)")
     with open(out + ".json", "w") as f:
         json.dump({"runs": summary, "seeds": seeds, "step_time": costs, "baseline": baseline, "target_mIoU": target,
                    "ratio": ratio}, f, indent=1)

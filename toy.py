@@ -304,12 +304,12 @@ def sft(model, processor, samples, videos, steps, cfg, desc, val=None, stop=None
     val, stop: optional (samples, videos) and a predicate on eval metrics; training ends at the first
     evaluation where stop(metrics) holds. until: pause after this step; state: what a paused sft returned, to go on
     from there (dpo.py --pre-sft puts DPO in between). Returns (the last evaluation's metrics or None, steps taken,
-    state).
+    state; it keeps the encoded samples, so going on does not encode them again).
     """
-    items = encode_each(processor, samples, videos)
-    judged = encode_each(processor, samples, videos, feedback=feedback_prompts(samples, cfg.seed)) \
-        if feedback_share else items
     if state is None:
+        items = encode_each(processor, samples, videos)
+        judged = encode_each(processor, samples, videos, feedback=feedback_prompts(samples, cfg.seed)) \
+            if feedback_share else items
         # The vision tower gets a higher lr: at init its outputs barely differ between frames, and with the text
         # lr the models sat longer on a constant-answer plateau.
         visual = [p for n, p in model.named_parameters() if ".visual." in n]
@@ -319,8 +319,8 @@ def sft(model, processor, samples, videos, steps, cfg, desc, val=None, stop=None
                                 weight_decay=0.0)
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda s: min(1.0, (s + 1) / 50) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
-        state = {"opt": opt, "sched": sched, "rng": random.Random(cfg.seed), "step": 0}
-    opt, sched, rng = state["opt"], state["sched"], state["rng"]
+        state = dict(opt=opt, sched=sched, rng=random.Random(cfg.seed), step=0, items=items, judged=judged)
+    opt, sched, rng, items, judged = (state[k] for k in ("opt", "sched", "rng", "items", "judged"))
     metrics, step = None, state["step"]
     bar = tqdm(range(step + 1, (until or steps) + 1), desc=f"{desc} (up to {steps} steps)" if stop else desc)
     for step in bar:
