@@ -14,8 +14,7 @@ builds (once; later calls reuse it):
      eval.load_model("runs/toy/teacher") takes the same path as "Qwen/Qwen3-VL-8B-Instruct";
   4. SFT on the clips so that, as in the paper, the student already grounds but less precisely than the teacher;
      an earlier checkpoint of the teacher's SFT is kept as a weaker teacher (teacher_weak); ToyConfig.feedback_share
-     puts a judge's feedback in a share of the student's SFT prompts (VISD's reader; off by default).
-The test metrics of the models go to runs/toy/metrics.json.
+     puts a judge's feedback in a share of the student's SFT prompts (VISD's reader; off). Test metrics: metrics.json.
 """
 import argparse
 import json
@@ -24,7 +23,6 @@ import os
 import random
 import time
 import dataclasses
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -51,7 +49,7 @@ CHAT_TEMPLATE = (
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 
-@dataclass
+@dataclasses.dataclass
 class ToyConfig:
     """Sizes of the miniature. `reduced()` is the seconds-long version the tests build."""
     seconds: int = 8          # clip length; answers are whole seconds in [0, seconds]
@@ -65,17 +63,15 @@ class ToyConfig:
     student: tuple = (64, 2, 64, 1)   # text hidden, text layers, vision hidden, vision depth
     teacher: tuple = (96, 3, 64, 1)
     student_steps: int = 1500  # at most: the student stops as soon as it grounds a little (see build)
-    # the cosine schedule's length (the teacher stops at validation mIoU 95): over 2,500 steps, its lr stayed high
-    # long enough that the teacher sat on a constant-answer plateau to step 1,200 and ended at 70.6; over 1,200 it
-    # reached 100 by step 400-700 in all four variants tried (README, "The miniature")
+    # the cosine schedule's length (the teacher stops at validation mIoU 95): over 2,500 steps its lr stayed high so
+    # long that it sat on a constant answer to step 1,200 (ended at 70.6); over 1,200 it reached 100 by step 400-700
     teacher_steps: int = 1200
     batch: int = 16
     lr: float = 1.5e-3        # 3e-3 was unstable (teacher stuck at mIoU ~55 in one of two builds), 1e-3 slower
     vision_lr_mult: float = 10.0  # the vision tower's lr multiplier (see sft)
-    # of the student's SFT prompts, the share that carry a judge's feedback on a wrong answer, so that VISD's teacher
-    # (the student's EMA) can read it. Off by default, measured: at 0.25 the student read it (test mIoU 100.0 with
-    # the verdict on its own answer) but never reached the stop and ended its schedule at 67.4 with 7 distinct
-    # answers, a student that neither OPD (66.0 -> 67.3 validation mIoU in 200 steps) nor GRPO (flat, 1,000) moved
+    # the share of the student's SFT prompts with a judge's feedback on a wrong answer, for VISD's teacher (its EMA) to
+    # read. Off: at 0.25 it read it (test mIoU 100.0 with the verdict) but never met the stop, ended at 67.4 with 7
+    # distinct answers, and neither OPD (66.0 -> 67.3 validation mIoU in 200 steps) nor GRPO (flat, 1,000) moved it
     feedback_share: float = 0.0
     seed: int = 0
 
@@ -100,10 +96,9 @@ def _draw(img, shape, colour, cx, cy, r):
 def make_clip(path, rng, cfg):
     """Write one clip; return [(query, (start, end))] for its shapes (distinct colours, own intervals).
 
-    Each shape fills its own quadrant of the frame (one 16x16 vision patch), and the grey background brightens
-    second by second. Both are there for learnability, measured: with small shapes (radius frame/8) tiny models
-    sat on a constant-answer plateau for 1,500+ SFT steps; with shapes filling a patch and the time visible in
-    the frame, grounding emerges within a few hundred steps. Which shape is meant still takes the query.
+    Each shape fills its own quadrant of the frame (one 16x16 vision patch), and the grey background brightens second
+    by second, for learnability, measured: with small shapes (radius frame/8) tiny models sat on a constant answer for
+    1,500+ SFT steps; like this, grounding emerges within a few hundred. Which shape is meant still takes the query.
     """
     import av
     colours = rng.sample(list(COLOURS), cfg.shapes)
@@ -393,7 +388,10 @@ def build(out="runs/toy", cfg=None):
     paths = miniature_paths(out)
     if os.path.exists(paths["metrics"]):
         return paths
-    t0 = time.time()
+    t0, threads = time.time(), torch.get_num_threads()
+    # One thread (ours): this SFT is chaotic and the thread count changes the order of float sums. Measured: with 2
+    # threads the teacher parted from the 1-thread run at step 150 and the student never met its stop (test mIoU 54.0)
+    torch.set_num_threads(1)
     make_clips(out, cfg)
     make_noisy(out, cfg)
     processor = make_processor(f"{out}/processor", cfg)
@@ -416,14 +414,15 @@ def build(out="runs/toy", cfg=None):
     _, report["teacher_sft_steps"], _ = sft(teacher, processor, *fit, cfg.teacher_steps, cfg, "SFT teacher",
                                             val=val, stop=lambda m: m["mIoU"] >= 95, eval_every=50, state=state)
     save(teacher, "teacher")
-    # the student stops once it uses the video but still grounds imprecisely, as base Qwen3-VL does; grounding
-    # emerges fast once it starts, so look often. Its prompts carry a judge's feedback at times (VISD's teacher is
-    # its EMA, which has to read it; the teachers never see feedback)
+    # the student stops once it uses the video but still grounds imprecisely, as base Qwen3-VL does; grounding emerges
+    # fast, so look often. Its prompts may carry a judge's feedback (for VISD's EMA teacher; the teachers never do)
     student = make_model(processor, cfg.student, cfg.seed + len("student"))
     _, report["student_sft_steps"], _ = sft(student, processor, *fit, cfg.student_steps, cfg, "SFT student", val=val,
                                             stop=lambda m: m["mIoU"] >= 40 and m["distinct"] >= 10, eval_every=10,
                                             feedback_share=cfg.feedback_share)
     save(student, "student")
+    if report["student_sft_steps"] == cfg.student_steps:  # a knife-edge (README, "The miniature"): say so
+        print("warning: the student never met its stop: this is not the miniature the README's numbers come from")
     # can it read VISD's feedback? greedy mIoU with the judge's verdict on its own greedy answer in the prompt
     verdicts = [ev.judge(a, s)["feedback"] for a, s in zip(greedy_answers(student, processor, test, test_v), test)]
     report["student"]["mIoU_with_feedback"] = toy_metrics(student, processor, test, test_v, verdicts)["mIoU"]
@@ -432,6 +431,7 @@ def build(out="runs/toy", cfg=None):
     with open(paths["metrics"], "w") as f:
         json.dump(report, f, indent=1)
     print(json.dumps(report, indent=1))
+    torch.set_num_threads(threads)
     return paths
 
 

@@ -54,6 +54,24 @@ def test_build_is_cached(tiny):
     assert os.path.getmtime(tiny["metrics"]) == mtime
 
 
+def test_build_does_not_depend_on_the_thread_count(tiny, tmp_path):
+    """The SFT is chaotic: with 1 vs 2 threads the same build gave different models (README, "The miniature"), so
+    build runs on one thread and gives the caller's count back."""
+    import torch
+    from safetensors.torch import load_file
+    threads = torch.get_num_threads()
+    other = 1 if threads > 1 else 2
+    torch.set_num_threads(other)
+    try:
+        paths = toy.build(str(tmp_path / "toy"), toy.ToyConfig.reduced())
+        assert torch.get_num_threads() == other
+    finally:
+        torch.set_num_threads(threads)
+    for name in ("teacher_weak", "teacher", "student"):
+        a, b = (load_file(f"{p[name]}/model.safetensors") for p in (tiny, paths))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+
+
 def test_clip_shows_the_shape_during_its_interval_only(tmp_path):
     import random
     cfg = toy.ToyConfig(shapes=3)
