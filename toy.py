@@ -389,8 +389,8 @@ def build(out="runs/toy", cfg=None):
     if os.path.exists(paths["metrics"]):
         return paths
     t0, threads = time.time(), torch.get_num_threads()
-    # One thread (ours): this SFT is chaotic and the thread count changes the order of float sums. Measured: with 2
-    # threads the teacher parted from the 1-thread run at step 150 and the student never met its stop (test mIoU 54.0)
+    # One thread (ours): this SFT is chaotic and the thread count changes the order of float sums; measured, the 1- and
+    # 2-thread teachers part at SFT step 150 (README, "The miniature": the machine matters too)
     torch.set_num_threads(1)
     make_clips(out, cfg)
     make_noisy(out, cfg)
