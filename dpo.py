@@ -233,11 +233,8 @@ def halfway_student(args):
     processor = AutoProcessor.from_pretrained(paths["student"])
     fit, _, _ = toy.sft_splits(paths, cfg)
     model = toy.make_model(processor, cfg.student, cfg.seed + len("student"))  # toy.build's seed for the student
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # toy.build's SFT runs on one thread: the same weights need the same float sums
     _, _, state = toy.sft(model, processor, *fit, cfg.student_steps, cfg, "SFT student, first half",
                           until=report["student_sft_steps"] // 2, feedback_share=cfg.feedback_share)
-    torch.set_num_threads(threads)
     args.student = f"{args.out}/halfway"
     model.save_pretrained(args.student), processor.save_pretrained(args.student)
     return model, fit, cfg, report, state
@@ -247,11 +244,8 @@ def rest_of_sft(args, student, processor, evals, model, fit, cfg, report, state)
     """After DPO: SFT goes on from where it paused (its AdamW state, schedule and batch order) to the step where
     toy.build stopped, then the test metrics: SFT only (the miniature student) vs DPO in the middle of SFT."""
     model.load_state_dict(student.state_dict())
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as in halfway_student
     toy.sft(model, processor, *fit, cfg.student_steps, cfg, "SFT student, second half",
             until=report["student_sft_steps"], state=state, feedback_share=cfg.feedback_share)
-    torch.set_num_threads(threads)
     fsdp.save_model(model, processor, f"{args.out}/final")
     test = data.load_samples(args.eval_data, args.video_root, args.skip_bad)
     rows = {"SFT only": report["student"],

@@ -316,7 +316,10 @@ def sft(model, processor, samples, videos, steps, cfg, desc, val=None, stop=None
             opt, lambda s: min(1.0, (s + 1) / 50) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
         state = dict(opt=opt, sched=sched, rng=random.Random(cfg.seed), step=0, items=items, judged=judged)
     opt, sched, rng, items, judged = (state[k] for k in ("opt", "sched", "rng", "items", "judged"))
-    metrics, step = None, state["step"]
+    metrics, step, threads = None, state["step"], torch.get_num_threads()
+    # One thread (ours): this SFT is chaotic and the thread count changes the order of float sums; measured, the 1- and
+    # 2-thread teachers part at SFT step 150 (README, "The miniature": the machine matters too)
+    torch.set_num_threads(1)
     bar = tqdm(range(step + 1, (until or steps) + 1), desc=f"{desc} (up to {steps} steps)" if stop else desc)
     for step in bar:
         model.train()
@@ -335,6 +338,7 @@ def sft(model, processor, samples, videos, steps, cfg, desc, val=None, stop=None
             if stop is not None and stop(metrics):
                 break
     model.eval()
+    torch.set_num_threads(threads)
     state["step"] = step
     return metrics, step, state
 
@@ -388,10 +392,7 @@ def build(out="runs/toy", cfg=None):
     paths = miniature_paths(out)
     if os.path.exists(paths["metrics"]):
         return paths
-    t0, threads = time.time(), torch.get_num_threads()
-    # One thread (ours): this SFT is chaotic and the thread count changes the order of float sums; measured, the 1- and
-    # 2-thread teachers part at SFT step 150 (README, "The miniature": the machine matters too)
-    torch.set_num_threads(1)
+    t0 = time.time()
     make_clips(out, cfg)
     make_noisy(out, cfg)
     processor = make_processor(f"{out}/processor", cfg)
@@ -431,7 +432,6 @@ def build(out="runs/toy", cfg=None):
     with open(paths["metrics"], "w") as f:
         json.dump(report, f, indent=1)
     print(json.dumps(report, indent=1))
-    torch.set_num_threads(threads)
     return paths
 
 
