@@ -318,12 +318,13 @@ def compare(runs, out="compare", target=None, baseline=None):
     ratio = {}
     if baseline is not None:
         base_time = float(np.nanmean([summary[r]["time_to_target_s"] for r in base_runs]))
+        if base_time == 0:  # its best is its start (step 0): every run is "there" at 0 s
+            print(f"{baseline}'s best mIoU is its start: there is no time to it, so no ratio (NaN)")
         for name in dict.fromkeys(config(r) for r in summary):
-            times = [summary[r]["time_to_target_s"] / base_time for r in summary if config(r) == name]
-            reached = [t for t in times if t == t]  # the seeds that reach the target (NaN: never)
-            ratio[name] = {"mean": float(np.mean(reached)) if reached else float("nan"),
-                           "std": float(np.std(reached)) if reached else float("nan"), "reached": len(reached),
-                           "seeds": len(times)}
+            times = [summary[r]["time_to_target_s"] for r in summary if config(r) == name]
+            reached = [t / base_time for t in times if t == t] if base_time > 0 else []  # NaN: never
+            ratio[name] = {"mean": float(np.mean(reached or [np.nan])), "std": float(np.std(reached or [np.nan])),
+                           "reached": sum(t == t for t in times), "seeds": len(times)}
     width = max(len(r) for r in runs) + 2
 
     def show(name, table, cell):  # {row: {column: value}} -> aligned text, one line per row

@@ -255,3 +255,15 @@ def test_compare_time_to_target_against_a_baseline(tmp_path):
     assert ratio["base"]["reached"] == 1 and ratio["base"]["mean"] == 1.0 and ratio["costly"]["mean"] == 3.0
     with pytest.raises(data.DataError, match="none of the runs"):
         ev.compare(runs, str(tmp_path / "cmp3"), baseline=str(tmp_path / "grpo"))
+
+
+def test_compare_against_a_baseline_whose_best_is_its_start(tmp_path):
+    """A baseline that never improves: every run is at the target at step 0, so no ratio (NaN), not a crash."""
+    _fake_run(tmp_path / "flat-s0", [70, 60, 65], step_time=1.0)
+    _fake_run(tmp_path / "flat-s1", [70, 70, 68], step_time=1.0)
+    _fake_run(tmp_path / "fast-s0", [70, 90, 95], step_time=1.0)
+    runs = [str(tmp_path / n) for n in ("flat-s0", "flat-s1", "fast-s0")]
+    out = ev.compare(runs, str(tmp_path / "cmp"), baseline=str(tmp_path / "flat"))
+    assert all(r["target_mIoU"] == 70 and r["time_to_target_s"] == 0 for r in out.values())
+    ratio = {os.path.basename(k): v for k, v in json.load(open(tmp_path / "cmp.json"))["ratio"].items()}
+    assert ratio["fast"]["mean"] != ratio["fast"]["mean"] and ratio["fast"]["reached"] == 1
