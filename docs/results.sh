@@ -49,6 +49,9 @@ for s in 0 1 2; do
       --out $R/grpo-16x8-s$s
 done
 python eval.py --compare $R/{opd,opd-sampled,grpo,grpo-16x8}-s{0,1,2} --baseline $R/grpo --compare-out $R/compare
+# the second row: the target is GRPO 16 x 8's best (equal prompts per step; also defined where GRPO 2 x 8 stays flat)
+python eval.py --compare $R/{opd,opd-sampled,grpo,grpo-16x8}-s{0,1,2} --baseline $R/grpo-16x8 \
+    --compare-out $R/compare-16x8
 
 # 4. the noisy pool and the weaker teacher: OPD, OPD + TVDF, its two parts, off-policy
 N="--data runs/toy/train_noisy.jsonl --teacher runs/toy/teacher_weak --lr $OPD_LR"
