@@ -28,11 +28,11 @@ two_at_a_time() { xargs -P 2 -I{} sh -c 'OMP_NUM_THREADS=1 {} > /dev/null 2>&1 |
     [ -d $R/grid/opd-lr$lr/final ] || echo "python opd.py --lr $lr $VAL --out $R/grid/opd-lr$lr"
   done
 } | two_at_a_time
-best_lr() {  # the grid lr of method $1 with the highest best validation mIoU
+best_lr() {  # the grid lr of method $1 with the highest best validation mIoU after step 0 (the start, the same for all)
   python - "$R/grid" "$1" <<'EOF'
 import glob, json, sys
-runs = glob.glob(f"{sys.argv[1]}/{sys.argv[2]}-lr*/log.jsonl")
-best = lambda p: max(json.loads(l)["eval"]["mIoU"] for l in open(p) if '"eval"' in l)
+runs = sorted(glob.glob(f"{sys.argv[1]}/{sys.argv[2]}-lr*/log.jsonl"))
+best = lambda p: max(e["eval"]["mIoU"] for e in map(json.loads, open(p)) if "eval" in e and e["step"] > 0)
 print(max(runs, key=best).split("-lr")[-1].split("/")[0])
 EOF
 }

@@ -123,7 +123,8 @@ def test_eval_never_mixes_another_models_answers(tiny, tmp_path):
 
 def test_help_shows_the_defaults_used_and_only_the_scripts_flags():
     opd_help, grpo_help = _cli("opd.py", "--help").stdout, _cli("grpo.py", "--help").stdout
-    assert "0.001 on the miniature, 1e-06 with --student/--data" in " ".join(opd_help.split())
+    import opd
+    assert f"{opd.MINIATURE['lr']} on the miniature, 1e-06 with --student/--data" in " ".join(opd_help.split())
     assert "fullkl on the miniature" in " ".join(opd_help.split())
     for flag in ("--teacher", "--loss", "--rollouts-per-prompt", "--kl-chunk"):
         assert flag in opd_help and flag not in grpo_help
@@ -165,7 +166,7 @@ def test_the_miniatures_own_models_and_data_keep_its_settings(tmp_path, monkeypa
     monkeypatch.chdir(tmp_path)
     assert cli.of_miniature("runs/toy/teacher_weak") and cli.of_miniature("runs/toy/train_noisy.jsonl")
     assert not cli.of_miniature("runs/toy-other/student") and not cli.of_miniature("Qwen/Qwen3-VL-8B-Instruct")
-    for argv, lr in ((["--teacher", "runs/toy/teacher_weak", "--data", "runs/toy/train_noisy.jsonl"], 1e-3),
+    for argv, lr in ((["--teacher", "runs/toy/teacher_weak", "--data", "runs/toy/train_noisy.jsonl"], opd.MINIATURE["lr"]),
                      (["--teacher", "Qwen/Qwen3-VL-32B-Instruct"], 1e-6)):
         monkeypatch.setattr(sys, "argv", ["opd.py", *argv])
         assert cli.parse(opd.Args, opd.MINIATURE, choices=opd.CHOICES, bounds=opd.BOUNDS).lr == lr
