@@ -166,7 +166,8 @@ def test_the_miniatures_own_models_and_data_keep_its_settings(tmp_path, monkeypa
     monkeypatch.chdir(tmp_path)
     assert cli.of_miniature("runs/toy/teacher_weak") and cli.of_miniature("runs/toy/train_noisy.jsonl")
     assert not cli.of_miniature("runs/toy-other/student") and not cli.of_miniature("Qwen/Qwen3-VL-8B-Instruct")
-    for argv, lr in ((["--teacher", "runs/toy/teacher_weak", "--data", "runs/toy/train_noisy.jsonl"], opd.MINIATURE["lr"]),
+    noisy_pool = ["--teacher", "runs/toy/teacher_weak", "--data", "runs/toy/train_noisy.jsonl"]
+    for argv, lr in ((noisy_pool, opd.MINIATURE["lr"]),
                      (["--teacher", "Qwen/Qwen3-VL-32B-Instruct"], 1e-6)):
         monkeypatch.setattr(sys, "argv", ["opd.py", *argv])
         assert cli.parse(opd.Args, opd.MINIATURE, choices=opd.CHOICES, bounds=opd.BOUNDS).lr == lr
