@@ -5,11 +5,12 @@
 #   1. the miniature (toy.py; cached in runs/toy);
 #   2. an lr grid per method, seed 0, judged on the validation clips (runs/toy/val.jsonl, never the test clips),
 #      two runs at a time, one thread each: only their mIoU is read;
-#   3. each method at its best grid lr (the highest best validation mIoU), seeds 0-2, on the test clips, one run at
-#      a time with the same two threads, so that their wall-clocks compare (time-to-target, eval.py --baseline);
+#   3. each method at its best grid lr (the highest best validation mIoU after step 0), seeds 0-2, on the test clips,
+#      one run at a time with the same two threads, so that their wall-clocks compare (time-to-target, --baseline);
 #   4. the curriculum and on- vs off-policy on the noisy pool (train_noisy.jsonl) with the weaker teacher, 3 seeds,
 #      two at a time;
-#   5. the tables: runs/results/compare.json (headline) and runs/results/noisy.json.
+#   5. GRPO at OPD's 16 prompts per step, one at a time; the tables: runs/results/compare.json (headline, target
+#      GRPO's best), compare-16x8.json (target GRPO 16 x 8's best) and noisy.json.
 # Runs that already finished are kept (a script refuses to overwrite a finished run), so it can be resumed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -38,20 +39,25 @@ EOF
 }
 GRPO_LR=$(best_lr grpo); SAMPLED_LR=$(best_lr opd-sampled); OPD_LR=$(best_lr opd)
 echo "chosen on validation: GRPO lr $GRPO_LR, OPD (Eq. 5-6) lr $SAMPLED_LR, OPD (full KL) lr $OPD_LR"
+# the plateaus: GRPO's and the sampled estimator's chosen grid runs continued (--resume) to 2,000 and 800 steps
+plateau() {  # $1 grid run, $2 its copy, $3 steps, then the script and its flags
+  local from=$1 to=$2 steps=$3; shift 3
+  grep -q "\"step\": $steps," $to/log.jsonl 2>/dev/null && return
+  rm -rf $to && cp -r $from $to
+  OMP_NUM_THREADS=1 python "$@" $VAL --eval-every 50 --out $to --resume --steps $steps > /dev/null 2>&1
+}
+plateau $R/grid/grpo-lr$GRPO_LR $R/grid/grpo-plateau-lr$GRPO_LR 2000 grpo.py --lr $GRPO_LR
+plateau $R/grid/opd-sampled-lr$SAMPLED_LR $R/grid/sampled-plateau-lr$SAMPLED_LR 800 \
+    opd.py --loss sampled --lr $SAMPLED_LR
 
-# 3. three seeds each, one at a time (GRPO at its default budget, which runs it to its plateau)
+# 3. three seeds each, one at a time, each at its plateau budget (GRPO's default; Eq. 5-6: 400 steps, see above)
 for s in 0 1 2; do
   [ -d $R/grpo-s$s/final ] || python grpo.py --lr $GRPO_LR --seed $s --out $R/grpo-s$s
-  [ -d $R/opd-sampled-s$s/final ] || python opd.py --loss sampled --lr $SAMPLED_LR --seed $s --out $R/opd-sampled-s$s
+  [ -d $R/opd-sampled-s$s/final ] || python opd.py --loss sampled --lr $SAMPLED_LR --steps 400 --seed $s \
+      --out $R/opd-sampled-s$s
   [ -d $R/opd-s$s/final ] || python opd.py --lr $OPD_LR --seed $s --out $R/opd-s$s
-  # equal prompts per step: GRPO with OPD's 16 prompts, 8 rollouts each
-  [ -d $R/grpo-16x8-s$s/final ] || python grpo.py --lr $GRPO_LR --prompts-per-step 16 --steps 200 --seed $s \
-      --out $R/grpo-16x8-s$s
 done
-python eval.py --compare $R/{opd,opd-sampled,grpo,grpo-16x8}-s{0,1,2} --baseline $R/grpo --compare-out $R/compare
-# the second row: the target is GRPO 16 x 8's best (equal prompts per step; also defined where GRPO 2 x 8 stays flat)
-python eval.py --compare $R/{opd,opd-sampled,grpo,grpo-16x8}-s{0,1,2} --baseline $R/grpo-16x8 \
-    --compare-out $R/compare-16x8
+python eval.py --compare $R/{opd,opd-sampled,grpo}-s{0,1,2} --baseline $R/grpo --compare-out $R/compare
 
 # 4. the noisy pool and the weaker teacher: OPD, OPD + TVDF, its two parts, off-policy
 N="--data runs/toy/train_noisy.jsonl --teacher runs/toy/teacher_weak --lr $OPD_LR"
@@ -65,3 +71,13 @@ N="--data runs/toy/train_noisy.jsonl --teacher runs/toy/teacher_weak --lr $OPD_L
   done
 } | two_at_a_time
 python eval.py --compare $R/noisy/{opd,tvdf,trpv-only,dbtp-only,offpolicy}-s{0,1,2} --compare-out $R/noisy
+
+# 5. equal prompts per step: GRPO with OPD's 16 prompts, 8 rollouts each, one at a time like step 3; then both rows
+for s in 0 1 2; do
+  [ -d $R/grpo-16x8-s$s/final ] || python grpo.py --lr $GRPO_LR --prompts-per-step 16 --steps 200 --seed $s \
+      --out $R/grpo-16x8-s$s
+done
+python eval.py --compare $R/{opd,opd-sampled,grpo,grpo-16x8}-s{0,1,2} --baseline $R/grpo --compare-out $R/compare
+# the second row: the target is GRPO 16 x 8's best
+python eval.py --compare $R/{opd,opd-sampled,grpo,grpo-16x8}-s{0,1,2} --baseline $R/grpo-16x8 \
+    --compare-out $R/compare-16x8

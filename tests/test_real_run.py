@@ -156,7 +156,7 @@ def test_bf16_and_gradient_checkpointing_run_the_readme_command(tiny, tmp_path, 
 
 # ----------------------------------------------------------------------------- micro-batch weighting
 def _train_one_step(tiny, tmp_path, micro_batch, score, loss_fn, monkeypatch, group=1, token_mean=False):
-    """One opd.train step on 6 prompts with fixed completions: greedy (batch-independent), each cut to a length
+    """One opd.train step (SGD) on 6 prompts with fixed completions: greedy (batch-independent), each cut to a length
     set by its own prompt, so only the micro-batching differs between calls. -> (log record, final weights)."""
     real_generate = ev.generate
 
@@ -169,7 +169,11 @@ def _train_one_step(tiny, tmp_path, micro_batch, score, loss_fn, monkeypatch, gr
     student.train()
     args = opd.Args(student=tiny["student"], data=tiny["train"], out=str(tmp_path / f"mb{micro_batch}"), steps=1,
                     prompts_per_step=6, micro_batch=micro_batch, lr=1e-3, max_new_tokens=8, num_workers=0)
-    opd.train(args, student, processor, score, loss_fn, group=group, token_mean=token_mean)
+    # plain SGD at lr 1: the weights move by the (clipped) gradient itself. Adam's first step is about lr * sign(g), so
+    # a coordinate whose gradient cancels to ~1e-9 moved by +-lr with the float noise of the split (seen on one CPU)
+    opt = torch.optim.SGD([p for p in student.parameters() if p.requires_grad], lr=1.0)
+    opd.train(args, student, processor, score, loss_fn, group=group, token_mean=token_mean,
+              optimizer=(opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)))
     (record,) = _steps(tmp_path / f"mb{micro_batch}")
     return record, {k: v.detach().clone() for k, v in student.state_dict().items()}
 
