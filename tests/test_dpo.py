@@ -200,8 +200,10 @@ def test_pre_sft_pauses_and_resumes_the_students_sft_exactly(tiny, tmp_path):
     assert "SFT only" in out
     # toy.build rounds its metrics to 0.1
     assert rows["half SFT + DPO + rest of SFT"]["mIoU"] == pytest.approx(rows["SFT only"]["mIoU"], abs=0.05)
-    final, student = _weights(tmp_path / "final"), _weights(tiny["student"])
+    final, student, half = (_weights(p) for p in (tmp_path / "final", tiny["student"], tmp_path / "halfway"))
     diff = max((final[k] - student[k]).abs().max().item() for k in student)
-    assert diff < 1e-4, diff  # measured 2.0e-5 (two DPO steps at lr 1e-12, then 105 SFT steps of float noise)
-    half = _weights(tmp_path / "halfway")
+    # the yardstick: how far the second half of the SFT moves the weights. The float noise of two DPO steps at lr 1e-12,
+    # grown over the rest of this chaotic SFT, depends on the CPU: 2.0e-5 on one machine, 4.3e-4 of 0.109 on another
+    moved = max((half[k] - student[k]).abs().max().item() for k in student)
+    assert diff < 0.01 * moved, (diff, moved)
     assert any(not torch.allclose(half[k], student[k], atol=1e-3) for k in student)  # halfway is another model
