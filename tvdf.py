@@ -1,6 +1,6 @@
 """TVDF, Teacher-Validated Disagreement Focusing: the paper's training-data curriculum, on Video-OPD's loop.
 
-    python tvdf.py                                   # OPD + TVDF on the miniature: 2 rounds x 128 samples
+    python tvdf.py                                   # OPD + TVDF on the miniature: 2 rounds x 400 samples
     python tvdf.py --student S --teacher T --data POOL --rounds 3 --k 2500 --steps 300    # the paper's 3 rounds
     python tvdf.py --select-only --k 2500 --out runs/tvdf-select        # only choose: OUT/selected.jsonl
 
