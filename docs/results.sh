@@ -73,9 +73,9 @@ N="--data runs/toy/train_noisy.jsonl --teacher runs/toy/teacher_weak --lr $OPD_L
 python eval.py --compare $R/noisy/{opd,tvdf,trpv-only,dbtp-only,offpolicy}-s{0,1,2} --compare-out $R/noisy
 
 # 5. equal prompts per step: GRPO with OPD's 16 prompts, 8 rollouts each, one at a time like step 3, run to its
-#    plateau (500 steps: still rising at 200, README); then both rows
+#    plateau (750 steps: still rising at 200 and at 500, flat from 500 to 750, README); then both rows
 for s in 0 1 2; do
-  [ -d $R/grpo-16x8-s$s/final ] || python grpo.py --lr $GRPO_LR --prompts-per-step 16 --steps 500 --seed $s \
+  [ -d $R/grpo-16x8-s$s/final ] || python grpo.py --lr $GRPO_LR --prompts-per-step 16 --steps 750 --seed $s \
       --out $R/grpo-16x8-s$s
 done
 python eval.py --compare $R/{opd,opd-sampled,grpo,grpo-16x8}-s{0,1,2} --baseline $R/grpo --compare-out $R/compare
