@@ -60,9 +60,8 @@ class ToyConfig:
     n_test: int = 128
     n_val: int = 128          # validation clips (val.jsonl): SFT's stop and every tuning; never the test clips
     noisy_share: float = 0.2  # of train_noisy.jsonl's spans, the share replaced by a wrong one (see make_noisy)
-    # (text hidden, text layers, vision hidden, vision depth). Student 3 x 80 (ours): of 64 it sat on a plateau that no
-    # method moved on two of three machines; of 80 it met its stop and moved (README, "Why the student has 3 layers
-    # of 80")
+    # (text hidden, text layers, vision hidden, vision depth). Student 3 x 80 (ours): of 64 it sat on a plateau no
+    # method moved on two of three machines; of 80 it met its stop and moved (README, "Why the student has 3 layers...")
     student: tuple = (80, 3, 64, 1)
     teacher: tuple = (96, 3, 64, 1)
     student_steps: int = 1500  # at most: the student stops as soon as it grounds a little (see build)
