@@ -24,7 +24,7 @@ import toy
 def parse(cls, miniature, drop=(), choices=None, bounds=None):
     """Command line -> cls instance: every dataclass field but `drop` is a flag, its --help line the comment beside
     the field; the miniature's values fill in what the user did not give when every model/data named (if any) is
-    part of the miniature in runs/toy (of_miniature).
+    part of the miniature (of_miniature).
 
     choices: {field: allowed values} (a typo must not fall back to a default); bounds: {field: (low, inclusive)}.
     Bad values are a DataError before anything runs.
@@ -49,21 +49,21 @@ def parse(cls, miniature, drop=(), choices=None, bounds=None):
         low, inclusive = (bounds or {}).get(name, (None, True))
         if low is not None and (value < low or (value == low and not inclusive)):
             raise data.DataError(f"--{name.replace('_', '-')} must be {'>=' if inclusive else '>'} {low} (got {value})")
-    # the miniature's settings unless a named model or data file is not part of runs/toy (its weaker teacher or
-    # noisy pool keep them; a real checkpoint, or another folder, gets the paper's)
+    # the miniature's settings unless a named model or data file is not part of it (its weaker teacher or noisy pool
+    # keep them; a real checkpoint, or another folder, gets the paper's)
     on_miniature = all(of_miniature(given[k]) for k in ("student", "teacher", "data") if given.get(k))
     args = cls(**{**(miniature if on_miniature else {}), **given})
     names = {f.name for f in fields}
     settings = ", ".join(f"{k.replace('_', ' ')} {getattr(args, k)}" for k in (
         "steps", "lr", "loss", "prompts_per_step", "group_size", "max_new_tokens") if k in names)
     if os.environ.get("RANK", "0") == "0":  # under torchrun: once
-        print(("miniature (runs/toy): " if on_miniature else "paper defaults where not given: ") + settings)
+        print(("miniature: " if on_miniature else "paper defaults where not given: ") + settings)
     return args
 
 
-def of_miniature(path, out="runs/toy"):
-    """Whether a model folder or annotation file is part of the miniature toy.ensure builds in `out`."""
-    return os.path.abspath(path).startswith(os.path.abspath(out) + os.sep)
+def of_miniature(path):
+    """Whether a model folder or annotation file is part of the shipped miniature, or of its rebuild in runs/toy."""
+    return any(os.path.abspath(path).startswith(os.path.abspath(out) + os.sep) for out in (toy.MINIATURE, toy.REBUILD))
 
 
 def check_models(args, flags):
@@ -74,11 +74,11 @@ def check_models(args, flags):
 
 
 def resolve_miniature(args):
-    """Fill the miniature's models and data into whatever the user did not give (building it on first use)."""
+    """Fill the shipped miniature's models and data into whatever the user did not give (built if it is missing)."""
     if not (args.student and args.data):  # real runs name their own models and data (grpo.py has no teacher)
         if fsdp.rank() > 0:
             fsdp.barrier()  # under torchrun rank 0 builds (or finds) the miniature while the others wait
-        paths = toy.ensure()
+        paths = toy.build(toy.MINIATURE)
         if fsdp.rank() == 0:
             fsdp.barrier()
         args.student = args.student or paths["student"]
@@ -97,7 +97,7 @@ def checkpoint_step(out):
 def start_run(args, models=("student", "teacher")):
     """Everything that can be wrong with a run's inputs, checked before a model loads or --out is touched:
     the models named, the annotations and their videos, and the run folder (an earlier run in --out is refused
-    unless --resume continues it or --overwrite replaces it). Builds the miniature on first use."""
+    unless --resume continues it or --overwrite replaces it)."""
     check_models(args, models)  # what the user named, before the miniature fills in the rest (built once)
     resolve_miniature(args)
     for flag in models:

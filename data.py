@@ -14,6 +14,7 @@ import re
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 PROMPT = ("Please find the visual event described by the sentence '{query}', determining its starting and ending "
           "times. The format should be: 'The event happens in <start time> - <end time> seconds'.")
@@ -261,9 +262,38 @@ def encode(processor, samples, videos, answers=None, feedback=None):
     if answers is not None:
         end = processor.tokenizer.decode(_end_of_turn_id(processor))
         texts = [t + a + end for t, a in zip(texts, answers)]
-    return processor(text=texts, videos=[v[0] for v in videos], video_metadata=[v[1] for v in videos],
-                     do_sample_frames=False, padding=True, padding_side="left" if answers is None else "right",
-                     return_tensors="pt")
+    batch = processor(text=texts, videos=[v[0] for v in videos], video_metadata=[v[1] for v in videos],
+                      do_sample_frames=False, padding=True, padding_side="left" if answers is None else "right",
+                      return_tensors="pt")
+    check_video_layout(processor, batch)
+    return batch
+
+
+def check_video_layout(processor, batch):
+    """Refuse (DataError, one line) a processor that lays a video out otherwise than the model's own tooling.
+
+    Qwen3-VL's own processor (the one released with the model; tests/data/chat_templates/SOURCES.md) turns the
+    template's `<|vision_start|><|video_pad|><|vision_end|>` into `<t seconds><|vision_start|><|video_pad|>...
+    <|vision_end|>` per temporal group of frames: one <|vision_start|> per group, each right before the pads.
+    transformers 5.x before 5.25 (5.23, 5.24) also kept the template's pair around all groups, unseen in training;
+    nothing errors, so it is checked here. Qwen2.5-VL: one pair per video, around its pads, no stamps.
+    batch: data.encode's; one video per row (video_grid_thw [B, 3]).
+    """
+    tok = processor.tokenizer
+    start, pad = tok.convert_tokens_to_ids("<|vision_start|>"), tok.convert_tokens_to_ids("<|video_pad|>")
+    ids = batch["input_ids"]
+    stamped = type(processor).__name__.startswith("Qwen3VL")  # Qwen3-VL writes `<t seconds>`, Qwen2.5-VL does not
+    groups = batch["video_grid_thw"][:, 0] if stamped else torch.ones(len(ids), dtype=torch.long)
+    is_start = ids[:, :-1] == start
+    before_pads = (ids[:, 1:] == pad) | ~is_start  # every <|vision_start|> is followed by the video's pads
+    if torch.equal(is_start.sum(1), groups) and before_pads.all():
+        return
+    import transformers
+    row = int((~before_pads.all(1) | (is_start.sum(1) != groups)).nonzero()[0])
+    shown = tok.decode(ids[row][ids[row] != tok.pad_token_id])[:160]
+    raise DataError(f"transformers {transformers.__version__} lays out the video prompt as {shown!r}...: not the "
+                    f"layout {type(processor).__name__}'s model was trained on (one <|vision_start|> per frame group, "
+                    "right before its pads); install the versions in requirements.txt")
 
 
 def _end_of_turn_id(processor):

@@ -232,7 +232,7 @@ def halfway_student(args):
     cfg = toy.ToyConfig(**report["config"])
     processor = AutoProcessor.from_pretrained(paths["student"])
     fit, _, _ = toy.sft_splits(paths, cfg)
-    model = toy.make_model(processor, cfg.student, cfg.seed + len("student"))  # toy.build's seed for the student
+    model = toy.make_model(processor, cfg.student, cfg.student_seed)  # toy.build's init of the student
     _, _, state = toy.sft(model, processor, *fit, cfg.student_steps, cfg, "SFT student, first half",
                           until=report["student_sft_steps"] // 2, feedback_share=cfg.feedback_share)
     args.student = f"{args.out}/halfway"

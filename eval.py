@@ -4,7 +4,7 @@
     python eval.py --compare runs/opd runs/grpo [...] [--baseline runs/grpo | --target MIOU]
                    [--compare-out runs/compare]
 
-With no --model/--data it evaluates the miniature teacher on the miniature test set (`python toy.py` first).
+With no --model/--data it evaluates the shipped miniature teacher on the miniature test set.
 Prints R1@0.3/0.5/0.7 and mIoU; writes one JSON line per query to OUT/preds.jsonl beside OUT/setup.json (model,
 data, decoding settings); an interrupted run resumes there, and only with the same setup.
 --compare reads training runs' log.jsonl files and prints/plots their evaluation curves side by side.
@@ -403,10 +403,11 @@ def main():
             raise data.DataError(f"--{flag.replace('_', '-')} must be >= 1 (got {getattr(args, flag)})")
     if args.model:
         check_model("model", args.model)
-    if not args.model or not args.data:  # the miniature's: toy.py builds it (it imports this file, so not from here)
-        if not os.path.exists("runs/toy/metrics.json"):
-            raise data.DataError("no --model / --data given and no miniature in runs/toy yet: python toy.py builds it")
-        args.model, args.data = args.model or "runs/toy/teacher", args.data or "runs/toy/test.jsonl"
+    if not args.model or not args.data:  # the shipped miniature's (toy.py imports this file, so not toy.MINIATURE)
+        mini = os.path.join(os.path.dirname(os.path.abspath(__file__)), "miniature")
+        if not os.path.exists(f"{mini}/metrics.json"):
+            raise data.DataError(f"no --model / --data given and no miniature in {mini}: python toy.py --out {mini}")
+        args.model, args.data = args.model or f"{mini}/teacher", args.data or f"{mini}/test.jsonl"
     samples = data.load_samples(args.data, args.video_root, args.skip_bad)
     # the predictions belong to what produced them: resuming with another model, data or decoding never mixes
     setup = {"model": os.path.abspath(args.model) if os.path.isdir(args.model) else args.model,

@@ -1,20 +1,16 @@
-"""The built-in miniature: a real Qwen3-VL teacher and student, built and trained offline in minutes.
+"""The built-in miniature: a real Qwen3-VL teacher and student, built and trained offline.
 
-    python toy.py [--out runs/toy]
-
-builds (once; later calls reuse it):
-  1. synthetic clips, written as real mp4 files and read back through data.load_video like Charades videos:
-     coloured shapes (one by default, ToyConfig.shapes up to 3), each visible during its own whole-second
-     interval; the query names one ("the red circle") and its interval is the answer. Train/val/test annotations
-     in data.py's plain JSONL (val: SFT's stop and every tuning), and train_noisy.jsonl: train with a share of
-     wrong spans, listed in noisy.json (for TVDF's TRPV);
+It ships built in miniature/ (MANIFEST.json: a sha256 per file, the versions that built it); `python toy.py --out DIR`
+rebuilds it from scratch. Its SFT is chaotic: other library versions or another CPU can give another miniature (the
+stops in build are what a build fixes, not the models). A build makes:
+  1. mp4 clips (read like Charades videos): coloured shapes, each visible during its own whole-second interval; the
+     query names one ("the red circle"), its interval is the answer. Train/val/test in data.py's plain JSONL (val:
+     SFT's stop and every tuning); train_noisy.jsonl with a share of wrong spans, listed in noisy.json (TVDF's TRPV);
   2. an offline byte-level BPE tokenizer with the Qwen3-VL special tokens and chat template (digits one per token);
-  3. two tiny Qwen3VLForConditionalGeneration models from Qwen3VLConfig (random init), a smaller student and a
-     larger teacher, each saved with save_pretrained beside a real Qwen3VLProcessor, so that
-     eval.load_model("runs/toy/teacher") takes the same path as "Qwen/Qwen3-VL-8B-Instruct";
-  4. SFT on the clips so that, as in the paper, the student already grounds but less precisely than the teacher;
-     an earlier checkpoint of the teacher's SFT is kept as a weaker teacher (teacher_weak); ToyConfig.feedback_share
-     puts a judge's feedback in a share of the student's SFT prompts (VISD's reader; off). Test metrics: metrics.json.
+  3. a smaller student and a larger teacher, tiny Qwen3VLForConditionalGeneration models (random init), each saved
+     beside a real Qwen3VLProcessor, so eval.load_model("miniature/teacher") is the path of "Qwen/Qwen3-VL-8B-Instruct";
+  4. SFT so that the student already grounds, less precisely than the teacher (as in the paper), and an earlier
+     checkpoint of the teacher as a weaker teacher (teacher_weak). Test metrics: metrics.json.
 """
 import argparse
 import json
@@ -31,8 +27,9 @@ from tqdm import tqdm
 import data
 import eval as ev
 
-# With several shapes per clip (ToyConfig.shapes > 1) the query's colour picks the answer; three well-separated
-# colours are the most a tiny teacher learned to match within a few thousand SFT steps (README, "The miniature").
+MINIATURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "miniature")  # the shipped build
+REBUILD = "runs/toy"  # `python toy.py`'s default --out (runs/ is ignored by git)
+
 COLOURS = {"red": (230, 30, 30), "green": (30, 200, 30), "blue": (40, 60, 240)}
 SHAPES = ("circle", "square", "triangle")
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
@@ -60,19 +57,17 @@ class ToyConfig:
     n_test: int = 128
     n_val: int = 128          # validation clips (val.jsonl): SFT's stop and every tuning; never the test clips
     noisy_share: float = 0.2  # of train_noisy.jsonl's spans, the share replaced by a wrong one (see make_noisy)
-    # (text hidden, text layers, vision hidden, vision depth). Student 3 x 80 (ours): of 64 it sat on a plateau no
-    # method moved on two of three machines; of 80 it met its stop and moved (README, "Why the student has 3 layers...")
+    # (text hidden, text layers, vision hidden, vision depth); why the student's 80: README, "Why the student has..."
     student: tuple = (80, 3, 64, 1)
     teacher: tuple = (96, 3, 64, 1)
+    student_seed: int = 1     # its init; seed 7 never met its stop under transformers 5.25 (README, "The miniature")
     student_steps: int = 1500  # at most: the student stops as soon as it grounds a little (see build)
-    # the cosine schedule's length (the teacher stops at validation mIoU 95): over 2,500 steps its lr stayed high so
-    # long that it sat on a constant answer to step 1,200 (ended at 70.6); over 1,200 it reached 100 by step 400-700
-    teacher_steps: int = 1200
+    teacher_steps: int = 1200  # the cosine schedule's length (it stops earlier); why not 2,500: README, "The miniature"
     batch: int = 16
-    lr: float = 1.5e-3        # 3e-3 was unstable (teacher stuck at mIoU ~55 in one of two builds), 1e-3 slower
+    lr: float = 1.5e-3        # between an unstable 3e-3 and a slower 1e-3
     vision_lr_mult: float = 10.0  # the vision tower's lr multiplier (see sft)
-    # the share of the student's SFT prompts with a judge's feedback on a wrong answer, for VISD's EMA teacher to read.
-    # Off: at 0.25 (2-layer student) it read it but never met the stop, and neither OPD nor GRPO moved it (README)
+    # the share of the student's SFT prompts with a judge's feedback on a wrong answer, for VISD's EMA teacher to read
+    # (off: README, "Feedback-reading student")
     feedback_share: float = 0.0
     seed: int = 0
 
@@ -97,9 +92,8 @@ def _draw(img, shape, colour, cx, cy, r):
 def make_clip(path, rng, cfg):
     """Write one clip; return [(query, (start, end))] for its shapes (distinct colours, own intervals).
 
-    Each shape fills its own quadrant of the frame (one 16x16 vision patch), and the grey background brightens second
-    by second, for learnability, measured: with small shapes (radius frame/8) tiny models sat on a constant answer for
-    1,500+ SFT steps; like this, grounding emerges within a few hundred. Which shape is meant still takes the query.
+    Each shape fills its own quadrant of the frame (one 16x16 vision patch) and the grey background brightens second
+    by second: with small shapes tiny models sat on a constant answer (README, "The miniature").
     """
     import av
     colours = rng.sample(list(COLOURS), cfg.shapes)
@@ -129,7 +123,8 @@ def make_clip(path, rng, cfg):
 
 
 def make_clips(out, cfg):
-    """Clips + train.jsonl/test.jsonl/val.jsonl (one query per clip, every clip its own) under `out`."""
+    """Clips + train.jsonl/test.jsonl/val.jsonl (one query per clip, every clip its own) under `out`. Video paths are
+    relative to the annotation file (data.load_annotations reads them so), so the folder can move or ship."""
     rng = random.Random(cfg.seed)
     os.makedirs(f"{out}/videos", exist_ok=True)
     for split, n in (("train", cfg.n_train), ("test", cfg.n_test), ("val", cfg.n_val)):
@@ -137,16 +132,14 @@ def make_clips(out, cfg):
         for i in tqdm(range(n), desc=f"clips ({split})"):
             path = f"{out}/videos/{split}{i:05d}.mp4"
             query, span = rng.choice(make_clip(path, rng, cfg))
-            samples.append(data.Sample(os.path.abspath(path), query, span, float(cfg.seconds), f"{split}{i:05d}"))
+            samples.append(data.Sample(os.path.relpath(path, out), query, span, float(cfg.seconds), f"{split}{i:05d}"))
         data.write_jsonl(samples, f"{out}/{split}.jsonl")
 
 
 def make_noisy(out, cfg):
     """train_noisy.jsonl: train.jsonl with a cfg.noisy_share of its spans replaced by a wrong one (a random span
-    of IoU < 0.3 with the truth); noisy.json lists those ids with both spans.
-
-    Why (ours): real annotations are noisy (a share of Charades-STA's spans miss their event; 20% is our stand-in,
-    not a measured rate), and TVDF's TRPV exists to drop such samples; the clean file stays the default pool.
+    of IoU < 0.3 with the truth); noisy.json lists those ids with both spans. Why (ours): real annotations are noisy
+    (20% is our stand-in, not a measured rate), and TVDF's TRPV drops such samples; the clean file is the default.
     """
     rng = random.Random(cfg.seed + 2)
     samples, wrong = data.load_annotations(f"{out}/train.jsonl"), {}
@@ -159,7 +152,8 @@ def make_noisy(out, cfg):
                 break
         wrong[s.id] = {"given": span, "true": s.span}
         samples[i] = dataclasses.replace(s, span=span)
-    data.write_jsonl(samples, f"{out}/train_noisy.jsonl")
+    data.write_jsonl([dataclasses.replace(s, video=os.path.relpath(s.video, out)) for s in samples],
+                     f"{out}/train_noisy.jsonl")
     with open(f"{out}/noisy.json", "w") as f:
         json.dump(wrong, f, indent=0)
 
@@ -176,8 +170,7 @@ def save_strip(sample, path, scale=4):
 def make_processor(out, cfg):
     """Train a byte-level BPE on the miniature's text; wrap it with a real Qwen3VLProcessor; save to `out`."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast, Qwen3VLProcessor, Qwen3VLVideoProcessor
-    from transformers import Qwen2VLImageProcessor
+    from transformers import PreTrainedTokenizerFast, Qwen2VLImageProcessor, Qwen3VLProcessor, Qwen3VLVideoProcessor
     corpus = [data.PROMPT.format(query=f"the {c} {s}") for c in COLOURS for s in SHAPES]
     corpus += [data.ANSWER.format(start=a / 2, end=b / 2) for a in range(0, 40) for b in range(0, 40, 3)]
     corpus += [f"<{t / 10:.1f} seconds>" for t in range(200)] + ["user", "assistant", "system"]
@@ -214,19 +207,18 @@ def make_model(processor, size, seed):
     from transformers import AutoModelForImageTextToText, Qwen3VLConfig
     hidden, layers, v_hidden, depth = size
     tok = processor.tokenizer
-    ids = vision_token_ids(tok)
     head_dim = 16
     config = Qwen3VLConfig(
         text_config=dict(vocab_size=len(tok), hidden_size=hidden, intermediate_size=hidden * 3,
                          num_hidden_layers=layers, num_attention_heads=hidden // head_dim,
-                         num_key_value_heads=hidden // head_dim,
-                         head_dim=head_dim, max_position_embeddings=4096, pad_token_id=tok.pad_token_id,
+                         num_key_value_heads=hidden // head_dim, head_dim=head_dim, max_position_embeddings=4096,
+                         pad_token_id=tok.pad_token_id,
                          rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
                                           "mrope_section": [4, 2, 2], "mrope_interleaved": True}),
         vision_config=dict(depth=depth, hidden_size=v_hidden, intermediate_size=v_hidden * 2, num_heads=4,
                            patch_size=16, out_hidden_size=hidden, num_position_embeddings=64,
                            deepstack_visual_indexes=[0]),
-        tie_word_embeddings=True, **ids)
+        tie_word_embeddings=True, **vision_token_ids(tok))
     torch.manual_seed(seed)
     model = AutoModelForImageTextToText.from_config(config)
     model.generation_config.eos_token_id = tok.convert_tokens_to_ids("<|im_end|>")
@@ -249,12 +241,9 @@ def answer_labels(processor, batch):
 
 
 def feedback_prompts(samples, seed):
-    """Per sample, the judge's feedback (eval.judge) on a wrong answer, to carry in an SFT prompt. The wrong answer:
-    10% no span at all, else each boundary of the truth moved by -3..3 s (0 included: "correct" is read too).
-
-    Why (ours): VISD's teacher reads feedback in its prompt, as instruction-tuned models can; the miniature's student
-    learns to read it here, with the true answer as the target, so that its EMA teacher can use what it is told.
-    """
+    """Per sample, the judge's feedback (eval.judge) on a wrong answer, for an SFT prompt: 10% no span, else each
+    boundary of the truth moved by -3..3 s. Why (ours): VISD's teacher reads feedback, as instruction-tuned models do;
+    the miniature's student learns that here (the true answer is the target), so that its EMA teacher can."""
     rng = random.Random(seed + 1)
     out = []
     for s in samples:
@@ -294,20 +283,17 @@ def collate(items, pad_id):
 
 def sft(model, processor, samples, videos, steps, cfg, desc, val=None, stop=None, eval_every=100, until=None,
         state=None, feedback_share=0.0):
-    """Supervised fine-tuning on ground-truth answers (AdamW, cosine schedule over `steps`); each prompt of a batch
-    carries a judge's feedback on a wrong answer (feedback_prompts) with probability `feedback_share`.
+    """Supervised fine-tuning on ground-truth answers (AdamW, cosine schedule over `steps`); a prompt carries a
+    judge's feedback on a wrong answer (feedback_prompts) with probability `feedback_share`.
 
-    val, stop: optional (samples, videos) and a predicate on eval metrics; training ends at the first
-    evaluation where stop(metrics) holds. until: pause after this step; state: what a paused sft returned, to go on
-    from there (dpo.py --pre-sft puts DPO in between). Returns (the last evaluation's metrics or None, steps taken,
-    state; it keeps the encoded samples, so going on does not encode them again).
-    """
+    val, stop: (samples, videos) and a predicate on eval metrics: training ends at the first evaluation where it holds.
+    until: pause after this step; state: what a paused sft returned, to go on (dpo.py --pre-sft puts DPO in between).
+    Returns (the last evaluation's metrics or None, steps taken, state: it keeps the encoded samples)."""
     if state is None:
         items = encode_each(processor, samples, videos)
         judged = encode_each(processor, samples, videos, feedback=feedback_prompts(samples, cfg.seed)) \
             if feedback_share else items
-        # The vision tower gets a higher lr: at init its outputs barely differ between frames, and with the text
-        # lr the models sat longer on a constant-answer plateau.
+        # a higher lr for the vision tower: at init its outputs barely differ between frames (a constant-answer plateau)
         visual = [p for n, p in model.named_parameters() if ".visual." in n]
         rest = [p for n, p in model.named_parameters() if ".visual." not in n]
         opt = torch.optim.AdamW([{"params": rest, "lr": cfg.lr},
@@ -318,8 +304,7 @@ def sft(model, processor, samples, videos, steps, cfg, desc, val=None, stop=None
         state = dict(opt=opt, sched=sched, rng=random.Random(cfg.seed), step=0, items=items, judged=judged)
     opt, sched, rng, items, judged = (state[k] for k in ("opt", "sched", "rng", "items", "judged"))
     metrics, step, threads = None, state["step"], torch.get_num_threads()
-    # One thread (ours): this SFT is chaotic and the thread count changes the order of float sums; measured, the 1- and
-    # 2-thread teachers part at SFT step 150 (README, "The miniature": the machine matters too)
+    # one thread (ours): the SFT is chaotic, the thread count changes the order of float sums (README, "The miniature")
     torch.set_num_threads(1)
     bar = tqdm(range(step + 1, (until or steps) + 1), desc=f"{desc} (up to {steps} steps)" if stop else desc)
     for step in bar:
@@ -330,7 +315,9 @@ def sft(model, processor, samples, videos, steps, cfg, desc, val=None, stop=None
         loss = model(**batch).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step(), sched.step(), opt.zero_grad()
+        opt.step()
+        sched.step()
+        opt.zero_grad()
         bar.set_postfix(loss=f"{loss.item():.3f}")
         if val is not None and (step % eval_every == 0 or step == steps):
             model.eval()
@@ -381,14 +368,13 @@ def miniature_paths(out):
 
 
 def sft_splits(paths, cfg):
-    """The SFT data, decoded: (fit, val, test), each (samples, videos): train.jsonl, val.jsonl (held out from SFT
-    and used to decide when to stop) and test.jsonl."""
+    """The SFT data, decoded: (fit, val, test), each (samples, videos); val.jsonl decides when SFT stops."""
     splits = [data.load_annotations(paths[k]) for k in ("train", "val", "test")]
     return [(s, [data.load_video(x.video) for x in tqdm(s, desc="decode clips")]) for s in splits]
 
 
-def build(out="runs/toy", cfg=None):
-    """Build everything under `out` (see the module docstring); returns the paths. Cached by metrics.json."""
+def build(out=REBUILD, cfg=None):
+    """Build everything under `out` (module docstring), then its MANIFEST.json; returns the paths (cached)."""
     cfg = cfg or ToyConfig()
     paths = miniature_paths(out)
     if os.path.exists(paths["metrics"]):
@@ -401,13 +387,14 @@ def build(out="runs/toy", cfg=None):
     report = {}
 
     def save(model, name):
-        model.save_pretrained(paths[name]), processor.save_pretrained(paths[name])
+        model.save_pretrained(paths[name])
+        processor.save_pretrained(paths[name])
         report[name] = toy_metrics(model, processor, test, test_v)
         report[name]["params"] = sum(p.numel() for p in model.parameters())
         report[name]["sampled_reward_spread_%"] = reward_spread(model, processor, test[:16], test_v[:16])
 
-    # the teacher; on the way, at its first validation mIoU >= 85 (looked at often: 76.4 to 88.8 test in 5 steps), a
-    # weaker one (an earlier checkpoint of its SFT: clearly imperfect, above the student; ours, for TVDF and off-policy)
+    # the teacher; on the way, at its first validation mIoU >= 85 (looked at often: it jumps), a weaker one (clearly
+    # imperfect, above the student; ours, for TVDF and off-policy)
     teacher = make_model(processor, cfg.teacher, cfg.seed + len("teacher"))
     _, report["teacher_weak_sft_steps"], state = sft(teacher, processor, *fit, cfg.teacher_steps, cfg, "SFT teacher",
                                                      val=val, stop=lambda m: m["mIoU"] >= 85, eval_every=5)
@@ -415,9 +402,8 @@ def build(out="runs/toy", cfg=None):
     _, report["teacher_sft_steps"], _ = sft(teacher, processor, *fit, cfg.teacher_steps, cfg, "SFT teacher",
                                             val=val, stop=lambda m: m["mIoU"] >= 95, eval_every=50, state=state)
     save(teacher, "teacher")
-    # the student stops once it uses the video but still grounds imprecisely, as base Qwen3-VL does; grounding emerges
-    # fast, so look often. Its prompts may carry a judge's feedback (for VISD's EMA teacher; the teachers never do)
-    student = make_model(processor, cfg.student, cfg.seed + len("student"))
+    # the student stops once it uses the video but grounds imprecisely, as base Qwen3-VL does (it jumps: look often)
+    student = make_model(processor, cfg.student, cfg.student_seed)
     _, report["student_sft_steps"], _ = sft(student, processor, *fit, cfg.student_steps, cfg, "SFT student", val=val,
                                             stop=lambda m: m["mIoU"] >= 40 and m["distinct"] >= 10, eval_every=10,
                                             feedback_share=cfg.feedback_share)
@@ -431,20 +417,34 @@ def build(out="runs/toy", cfg=None):
     report["config"] = dataclasses.asdict(cfg)  # what built it (dpo.py --pre-sft rebuilds the student's SFT)
     with open(paths["metrics"], "w") as f:
         json.dump(report, f, indent=1)
+    write_manifest(out)
     print(json.dumps(report, indent=1))
     return paths
 
 
-def ensure(out="runs/toy"):
-    """The miniature's paths, building it first if needed (what the training scripts call, through cli.py)."""
-    if not os.path.exists(f"{out}/metrics.json"):
-        print(f"building the miniature in {out} (once; a few minutes on 2 cores)")
-    return build(out)
+# ----------------------------------------------------------------------------- shipping it
+BUILT_WITH = ("torch", "torchvision", "transformers", "tokenizers", "av", "decord", "numpy")
+
+
+def write_manifest(out):
+    """MANIFEST.json beside the build: a sha256 per file, and what built them (library versions, Python, CPU)."""
+    import hashlib
+    import platform
+    from importlib.metadata import version
+    names = sorted(os.path.relpath(os.path.join(d, f), out) for d, _, fs in os.walk(out) for f in fs
+                   if f != "MANIFEST.json")
+    digest = {n: hashlib.sha256(open(os.path.join(out, n), "rb").read()).hexdigest() for n in names}
+    cpu = [line.split(":")[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")][:1]
+    manifest = {"built_with": {n: version(n) for n in BUILT_WITH} | {"python": platform.python_version()},
+                "machine": f"{cpu[0] if cpu else platform.machine()}, {os.cpu_count()} cores", "sha256": digest}
+    with open(os.path.join(out, "MANIFEST.json"), "w") as f:
+        json.dump(manifest, f, indent=1)
 
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="runs/toy", help="where the miniature is built and cached")
+    p.add_argument("--out", default=REBUILD, help="where the miniature is rebuilt (the shipped one is miniature/)")
     p.add_argument("--reduced", action="store_true", help="the seconds-long build the tests use")
     a = p.parse_args()
+    print(f"rebuilding in {a.out}; miniature/ stays as shipped (other versions or CPUs can give another miniature)")
     data.run(lambda: build(a.out, ToyConfig.reduced() if a.reduced else ToyConfig()))

@@ -37,6 +37,13 @@ def ohofg(ohofg_path):
 
 
 @pytest.fixture(scope="session")
+def shipped():
+    """The miniature shipped in miniature/ (the trained models every script defaults to): its paths dict."""
+    import toy
+    return toy.miniature_paths(toy.MINIATURE)
+
+
+@pytest.fixture(scope="session")
 def tiny(tmp_path_factory):
     """The reduced miniature (a few seconds to build): paths dict with student, teacher, train, test, metrics."""
     import toy

@@ -68,7 +68,7 @@ def test_missing_videos_are_counted_before_any_model_loads(tiny, finished, tmp_p
     rows[2] = rows[2].replace(".mp4", "_gone.mp4")
     bad = tmp_path / "bad.jsonl"
     bad.write_text("".join(rows))
-    args = _common(tiny, out)
+    args = _common(tiny, out) + ["--video-root", os.path.dirname(tiny["train"])]  # its videos are named relatively
     args[args.index("--data") + 1] = str(bad)
     _refused(_cli("opd.py", *args, "--overwrite"), "1 of 6 videos not found", "_gone.mp4", "--skip-bad")
     assert _checksums(out) == before  # even with --overwrite: inputs are validated first

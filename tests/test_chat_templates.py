@@ -15,6 +15,8 @@ from conftest import TESTS_DATA
 
 TEMPLATES = TESTS_DATA / "chat_templates"
 QWEN3_VL = (TEMPLATES / "qwen3_vl_instruct.jinja").read_text()
+# the official Qwen3-VL video layout for tiny.mp4, written out from the model's own processor (SOURCES.md)
+QWEN3_VL_TINY_VIDEO = (TEMPLATES / "qwen3_vl_tiny_video_prompt.txt").read_text()
 QWEN25_VL = (TEMPLATES / "qwen2_5_vl_instruct.jinja").read_text()
 
 QUERY = "the red circle"
@@ -146,24 +148,26 @@ def test_sft_text_is_the_official_answer_turn(qwen3, tiny_video):
     assert official.endswith("<|im_start|>assistant\n" + ANSWER + "<|im_end|>\n")
     text = decoded(qwen3, batch)
     assert text.endswith("<|im_start|>assistant\n" + ANSWER + "<|im_end|>")
-    # the same up to the video, which the processor expanded in one and not the other
-    assert text.split("<|vision_start|>")[0] == official.split("<|vision_start|>")[0]
+    # the same up to the video, which the processor expanded in one (from its first stamp) and not the other
+    assert text.split("<0.2 seconds>")[0] == official.split("<|vision_start|>")[0]
     assert text.split("<|vision_end|>")[-1] + "\n" == official.split("<|vision_end|>")[-1]
+    assert text.startswith(QWEN3_VL_TINY_VIDEO)
 
 
 # ----------------------------------------------------------------------------- data.encode: video tokens
 def test_encode_qwen3_vl_on_tiny_video(qwen3, toy_processor, tiny_video):
-    """Each pair of frames becomes `<t seconds><|vision_start|>pads<|vision_end|>`; transformers keeps the template's
-    outer <|vision_start|> ... <|vision_end|> around them (see SOURCES.md). 32x32 frames: 2x2 patches -> 1 pad each."""
+    """Each pair of frames becomes `<t seconds><|vision_start|>pads<|vision_end|>`, in place of the template's whole
+    <|vision_start|><|video_pad|><|vision_end|>: the layout of the model's own processor, written out in test data
+    (SOURCES.md). 32x32 frames: 2x2 patches -> 1 pad each."""
     sample = data.Sample("tiny.mp4", QUERY, (1.0, 2.0), None, "tiny#0")
     batch = data.encode(qwen3, [sample], [tiny_video])
     assert batch["video_grid_thw"].tolist() == [[2, 2, 2]]
-    assert decoded(qwen3, batch) == (
+    assert decoded(qwen3, batch) == QWEN3_VL_TINY_VIDEO
+    assert QWEN3_VL_TINY_VIDEO == (
         "<|im_start|>user\n"
-        "<|vision_start|>"
         "<0.2 seconds><|vision_start|><|video_pad|><|vision_end|>"   # frames 0, 2 of 5 fps: mean 0.2 s
         "<1.3 seconds><|vision_start|><|video_pad|><|vision_end|>"   # frames 5, 8: mean 1.3 s
-        "<|vision_end|>" + INSTRUCTION + "<|im_end|>\n"
+        + INSTRUCTION + "<|im_end|>\n"
         "<|im_start|>assistant\n")
     assert pads(qwen3, batch) == batch["video_grid_thw"][0].prod().item() // qwen3.video_processor.merge_size ** 2
     # the miniature's template gives the very same tokens
@@ -196,8 +200,8 @@ def test_encode_qwen3_vl_on_ohofg(shared, ohofg, qwen3, toy_processor):  # share
     assert t == len(frames) // 2 == 35
     assert pads(qwen3, batch) == t * per_group
     group = r"<(\d+\.\d) seconds><\|vision_start\|>((?:<\|video_pad\|>)+)<\|vision_end\|>"
-    m = re.fullmatch(r"<\|im_start\|>user\n<\|vision_start\|>((?:" + group + r")+)<\|vision_end\|>(.*)"
-                     r"<\|im_end\|>\n<\|im_start\|>assistant\n", text, re.S)
+    m = re.fullmatch(r"<\|im_start\|>user\n((?:" + group + r")+)(.*)<\|im_end\|>\n<\|im_start\|>assistant\n",
+                     text, re.S)
     assert m, text[:300]
     groups = re.findall(group, m.group(1))
     assert [s for s, _ in groups][:3] == ["0.3", "1.3", "2.3"] and len(groups) == t
@@ -219,3 +223,34 @@ def test_encode_qwen25_vl_on_ohofg(shared, ohofg, qwen25):
                     "<|vision_start|>" + "<|video_pad|>" * n + "<|vision_end|>" + data.PROMPT.format(query=query)
                     + "<|im_end|>\n<|im_start|>assistant\n")
     assert "seconds>" not in text
+
+
+# ----------------------------------------------------------------------------- a processor with another layout
+NESTING = QWEN3_VL.replace("<|vision_start|><|video_pad|><|vision_end|>",
+                           "<|vision_start|><|vision_start|><|video_pad|><|vision_end|><|vision_end|>")
+
+
+@pytest.mark.parametrize("answers", [None, [ANSWER]])
+def test_a_processor_that_nests_the_video_wrapper_is_refused(toy_dir, tiny_video, answers):
+    """transformers 5.24.0's layout (the template's pair kept around all frame groups), made here by a template that
+    wraps the video twice: data.encode refuses it in one line naming the version, for prompts and for SFT texts."""
+    import transformers
+    nesting = _load(toy_dir, NESTING)
+    sample = data.Sample("tiny.mp4", QUERY, (1.0, 2.0), None, "tiny#0")
+    text = render(nesting, data.prompt_messages(QUERY), True)
+    assert "<|vision_start|><|vision_start|><|video_pad|>" in text  # the template does nest
+    with pytest.raises(data.DataError, match=f"transformers {re.escape(transformers.__version__)} lays out") as err:
+        data.encode(nesting, [sample], [tiny_video], answers=answers)
+    assert "\n" not in str(err.value).split("...")[-1] and "requirements.txt" in str(err.value)
+
+
+def test_a_prompt_whose_frame_group_lost_its_start_is_refused(qwen3, tiny_video):
+    """The other way a layout can differ: fewer <|vision_start|> than frame groups (here the first one removed)."""
+    sample = data.Sample("tiny.mp4", QUERY, (1.0, 2.0), None, "tiny#0")
+    batch = data.encode(qwen3, [sample], [tiny_video])
+    start = qwen3.tokenizer.convert_tokens_to_ids("<|vision_start|>")
+    first = (batch["input_ids"][0] == start).nonzero()[0].item()
+    broken = {**batch, "input_ids": torch.cat([batch["input_ids"][:, :first], batch["input_ids"][:, first + 1:]], 1)}
+    with pytest.raises(data.DataError, match="one <\\|vision_start\\|> per frame group"):
+        data.check_video_layout(qwen3, broken)
+    data.check_video_layout(qwen3, batch)  # the official one passes

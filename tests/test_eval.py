@@ -189,7 +189,8 @@ def test_cli_writes_predictions_and_resumes(tiny, tmp_path):
     ann = tmp_path / "three.jsonl"
     ann.write_text("".join(open(tiny["test"]).readlines()[:3]))
     preds = tmp_path / "run" / "preds.jsonl"
-    args = ["--model", tiny["teacher"], "--data", str(ann), "--out", str(tmp_path / "run"), "--max-new-tokens", "6"]
+    args = ["--model", tiny["teacher"], "--data", str(ann), "--out", str(tmp_path / "run"), "--max-new-tokens", "6",
+            "--video-root", os.path.dirname(tiny["test"])]  # the miniature names its videos relative to its folder
     stdout = run_cli(*args)
     assert "R1@0.3" in stdout and "mIoU" in stdout and "teacher (3 queries)" in stdout
     lines = preds.read_text().splitlines()

@@ -21,12 +21,57 @@ def test_reduced_build_gives_loadable_models_and_parseable_answers(tiny):
     frames, meta = data.load_video(samples[0].video)
     assert frames.shape[1:] == (32, 32, 3) and meta["fps"] == 4.0
     assert any(c in samples[0].query for c in toy.COLOURS) and any(s in samples[0].query for s in toy.SHAPES)
+    # the annotations name their videos relative to themselves, so a built miniature can move (and ship)
+    assert all(not json.loads(line)["video"].startswith("/") for line in open(tiny["test"]))
     # a parseable answer needs a model that learned the format: teach the reduced teacher the format in a few steps
     cfg = toy.ToyConfig.reduced()
     videos = [data.load_video(s.video) for s in samples]
     toy.sft(model, processor, samples, videos, 60, cfg, "format", eval_every=10**6)
     rows = ev.predict(model, processor, samples[:4])
     assert any(r["pred"] is not None for r in rows), [r["answer"] for r in rows]
+
+
+# ----------------------------------------------------------------------------- the shipped miniature
+def test_shipped_miniature_is_its_manifest(shipped):
+    """Every file under miniature/ is in MANIFEST.json with its sha256, and no other; it was built with the versions
+    requirements.txt pins (a rebuild on other versions must say so in both places)."""
+    import hashlib
+    import re
+    from conftest import REPO
+    manifest = json.load(open(os.path.join(toy.MINIATURE, "MANIFEST.json")))
+    present = sorted(os.path.relpath(os.path.join(d, f), toy.MINIATURE)
+                     for d, _, files in os.walk(toy.MINIATURE) for f in files)
+    assert sorted(manifest["sha256"]) == [n for n in present if n != "MANIFEST.json"]
+    changed = [n for n, digest in manifest["sha256"].items()
+               if hashlib.sha256(open(os.path.join(toy.MINIATURE, n), "rb").read()).hexdigest() != digest]
+    assert changed == []
+    pins = dict(re.findall(r"^([\w-]+)==(\S+)$", (REPO / "requirements.txt").read_text(), re.M))
+    pins = {name.lower().replace("_", "-"): v for name, v in pins.items()}
+    assert {n: v for n, v in manifest["built_with"].items() if n != "python"} == {n: pins[n] for n in toy.BUILT_WITH}
+    for name in ("student", "teacher", "teacher_weak", "train", "train_noisy", "val", "test", "metrics"):
+        assert os.path.exists(shipped[name]), name
+
+
+@pytest.mark.parametrize("name", ["student", "teacher", "teacher_weak"])
+def test_shipped_models_give_their_metrics(shipped, name):
+    """Each shipped model, loaded the way real checkpoints are, gives metrics.json's greedy test numbers. Within
+    1 point of mIoU (one of 128 answers flipping), not exactly: another CPU sums floats in another order."""
+    report = json.load(open(shipped["metrics"]))[name]
+    model, processor = ev.load_model(shipped[name])
+    samples = data.load_annotations(shipped["test"])
+    got = toy.toy_metrics(model, processor, samples, [data.load_video(s.video) for s in samples])
+    assert got["parseable"] == report["parseable"]
+    assert abs(got["mIoU"] - report["mIoU"]) <= 1.0 and abs(got["distinct"] - report["distinct"]) <= 1, (got, report)
+
+
+def test_scripts_default_to_the_shipped_miniature(shipped):
+    """With no --student/--data every script trains from miniature/ at once (nothing is built)."""
+    import argparse
+    import cli
+    args = cli.resolve_miniature(argparse.Namespace(student=None, teacher=None, data=None, eval_data=None))
+    assert (args.student, args.teacher, args.data, args.eval_data) == \
+        (shipped["student"], shipped["teacher"], shipped["train"], shipped["test"])
+    assert cli.of_miniature(shipped["teacher_weak"]) and cli.of_miniature(shipped["train_noisy"])
 
 
 def test_splits_are_separate_clips_and_the_noisy_pool_is_written_down(tiny):
