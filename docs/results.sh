@@ -2,8 +2,8 @@
 # Regenerates every number of the README's "Results in miniature": bash docs/results.sh (from the repo root).
 #
 # The protocol (the same for every method; README, "Results in miniature"):
-#   1. the miniature (toy.py; cached in runs/toy);
-#   2. an lr grid per method, seed 0, judged on the validation clips (runs/toy/val.jsonl, never the test clips),
+#   1. the shipped miniature (miniature/; toy.py --out DIR rebuilds it);
+#   2. an lr grid per method, seed 0, judged on the validation clips (miniature/val.jsonl, never the test clips),
 #      two runs at a time, one thread each: only their mIoU is read;
 #   3. each method at its best grid lr (the highest best validation mIoU after step 0), seeds 0-2, on the test clips,
 #      one run at a time with the same two threads, so that their wall-clocks compare (time-to-target, --baseline);
@@ -14,9 +14,8 @@
 # Runs that already finished are kept (a script refuses to overwrite a finished run), so it can be resumed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-python toy.py
 R=runs/results
-VAL="--eval-data runs/toy/val.jsonl"
+VAL="--eval-data miniature/val.jsonl"
 two_at_a_time() { xargs -P 2 -I{} sh -c 'OMP_NUM_THREADS=1 {} > /dev/null 2>&1 || echo "failed: {}"'; }
 
 # 2. the lr grid on validation (GRPO for 1,000 steps, to see its plateau)
@@ -60,7 +59,7 @@ done
 python eval.py --compare $R/{opd,opd-sampled,grpo}-s{0,1,2} --baseline $R/grpo --compare-out $R/compare
 
 # 4. the noisy pool and the weaker teacher: OPD, OPD + TVDF, its two parts, off-policy
-N="--data runs/toy/train_noisy.jsonl --teacher runs/toy/teacher_weak --lr $OPD_LR"
+N="--data miniature/train_noisy.jsonl --teacher miniature/teacher_weak --lr $OPD_LR"
 {
   for s in 0 1 2; do
     for run in "opd.py $N --out $R/noisy/opd-s$s" "tvdf.py $N --out $R/noisy/tvdf-s$s" \
