@@ -405,8 +405,6 @@ def main():
         check_model("model", args.model)
     if not args.model or not args.data:  # the shipped miniature's (toy.py imports this file, so not toy.MINIATURE)
         mini = os.path.join(os.path.dirname(os.path.abspath(__file__)), "miniature")
-        if not os.path.exists(f"{mini}/metrics.json"):
-            raise data.DataError(f"no --model / --data given and no miniature in {mini}: python toy.py --out {mini}")
         args.model, args.data = args.model or f"{mini}/teacher", args.data or f"{mini}/test.jsonl"
     samples = data.load_samples(args.data, args.video_root, args.skip_bad)
     # the predictions belong to what produced them: resuming with another model, data or decoding never mixes
