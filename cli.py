@@ -2,22 +2,29 @@
 
     args = cli.parse(Args, MINIATURE)      # flags from a dataclass; the miniature's values when no models are named
     cli.start_run(args)                    # every input checked, the miniature built, --out made safe to write
+    ... cli.open_run / cli.write / cli.save / cli.stop_on_signal   # opd.train: resume, log.jsonl, checkpoints, Ctrl-C
 
 Everything a user can get wrong is refused here, as one line and exit code 2 (data.run), before a model loads or
 --out is touched: a flag's range or choice, a model path, the annotations and their videos, a finished run in --out.
 """
 import argparse
+import contextlib
 import dataclasses
+import functools
 import inspect
 import json
 import os
 import re
 import shutil
+import signal
 import sys
 
+import torch
+from tqdm import tqdm
+
 import data
-import eval as ev
 import fsdp
+import rollout
 import toy
 
 
@@ -67,10 +74,10 @@ def of_miniature(path):
 
 
 def check_models(args, flags):
-    """ev.check_model for each of these flags the user gave."""
+    """rollout.check_model for each of these flags the user gave."""
     for flag in flags:
         if getattr(args, flag):
-            ev.check_model(flag, getattr(args, flag))
+            rollout.check_model(flag, getattr(args, flag))
 
 
 def resolve_miniature(args):
@@ -121,3 +128,66 @@ def start_run(args, models=("student", "teacher")):
             shutil.rmtree(args.out)
         fsdp.barrier()
     return args
+
+
+# ----------------------------------------------------------------------------- the run folder during training (opd.train)
+def open_run(args, student, opt, sched):
+    """The run folder at the start of train -> (first step, training wall-clock so far, log.jsonl open for writing,
+    the log records kept). On --resume: the optimizer, scheduler and RNG from the checkpoint, and the log up to it
+    (a killed run may have logged steps after the checkpoint)."""
+    os.makedirs(args.out, exist_ok=True)
+    start, wall, kept = 0, 0.0, []
+    if args.resume:
+        state = torch.load(f"{args.out}/checkpoint/state.pt", weights_only=False)
+        fsdp.load_optimizer_state(student, opt, state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["torch_rng"])
+        start, wall = state["step"], state["wall"]
+        if os.path.exists(f"{args.out}/log.jsonl"):
+            kept = [r for r in map(json.loads, open(f"{args.out}/log.jsonl")) if r["step"] <= start]
+    fsdp.barrier()  # every rank has read the old log before rank 0 rewrites it
+    log = open(f"{args.out}/log.jsonl" if fsdp.rank() == 0 else os.devnull, "w")  # rank 0 logs for all
+    log.writelines(json.dumps(r) + "\n" for r in kept)
+    return start, wall, log, kept
+
+
+def write(log, record):
+    """One record as one line of log.jsonl, on disk at once (a killed run keeps what it logged)."""
+    log.write(json.dumps(record) + "\n")
+    log.flush()
+
+
+def save(args, student, processor, opt, sched, step, wall):
+    """A checkpoint plain transformers can load (student + processor) plus what --resume needs. Every rank calls
+    it (gathering the shards is collective); rank 0 writes."""
+    path = f"{args.out}/checkpoint"
+    fsdp.save_model(student, processor, path)
+    state = fsdp.optimizer_state(student, opt)
+    if fsdp.rank() == 0:
+        torch.save({"optimizer": state, "scheduler": sched.state_dict(), "torch_rng": torch.get_rng_state(),
+                    "step": step, "wall": wall, "args": dataclasses.asdict(args)}, f"{path}/state.pt")
+        with open(f"{path}/step.json", "w") as f:  # what --resume checks before loading anything
+            json.dump({"step": step}, f)
+    fsdp.barrier()  # nobody reads the checkpoint before rank 0 has written it
+
+
+@contextlib.contextmanager
+def stop_on_signal():
+    """Inside: Ctrl-C or SIGTERM asks the loop to stop after this step (the yielded list gets the signal), a second
+    Ctrl-C stops at once. The previous handlers come back on the way out, also when a step raises."""
+    stop = []
+    previous = {sig: signal.signal(sig, functools.partial(_interrupt, stop)) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _interrupt(stop, signum, frame):
+    """Signal handler of stop_on_signal: the first signal asks the loop to stop after this step, a second stops
+    now."""
+    if stop:
+        raise KeyboardInterrupt
+    stop.append(signum)
+    tqdm.write("stopping after this step (Ctrl-C again to stop now)")

@@ -216,6 +216,20 @@ def load_video(path, fps=2.0, max_frames=256):
     return frames, meta
 
 
+def load_videos(samples, skip_bad=False, fps=2.0, max_frames=256):
+    """Decode each sample's video -> (list of (frames, metadata) or None, list of DataError messages)."""
+    videos, errors = [], []
+    for s in samples:
+        try:
+            videos.append(load_video(s.video, fps=fps, max_frames=max_frames))
+        except DataError as err:
+            if not skip_bad:
+                raise
+            videos.append(None)
+            errors.append(str(err))
+    return videos, errors
+
+
 # ----------------------------------------------------------------------------- prompt and answer
 def prompt_messages(query, feedback=None):
     """The chat for one query: a video, then the TimeLens instruction (then, for VISD's teacher, a judge's feedback

@@ -47,6 +47,7 @@ from transformers import AutoProcessor, BatchFeature
 import cli
 import data
 import eval as ev
+import rollout
 import fsdp
 import opd
 import toy
@@ -143,7 +144,7 @@ def dpo_loss(logp_c, logp_r, ref_c, ref_r, beta=0.1, keep=None):
 
 def sequence_logp(logits, ids, mask):
     """Sum of the answer's token log-probs: logits [B, T, V], ids, mask [B, T] -> [B]."""
-    return (ev.token_logp(logits, ids) * mask).sum(1)
+    return (rollout.token_logp(logits, ids) * mask).sum(1)
 
 
 def same_answer(ids_a, mask_a, ids_b, mask_b):
@@ -176,7 +177,7 @@ def main():
         sft = halfway_student(args)
     student, processor = opd.load_student(args)
     ref, _ = opd.load_frozen(args.student)  # the frozen initial student: DPO's reference
-    forbidden = ev.forbidden_ids(processor)
+    forbidden = rollout.forbidden_ids(processor)
     autocast = torch.autocast(student.device.type, torch.bfloat16, enabled=args.bf16)
 
     def make_score(r):
@@ -188,11 +189,11 @@ def main():
             rng = np.random.default_rng(torch.randint(2 ** 31, ()).item())
             bad = [(perturb(frames, r, args.perturbation, rng), meta) for frames, meta in videos]
             bad_prompt = data.encode(processor, chunk, bad).to(student.device)
-            r_ids, r_mask = ev.generate(student, processor, bad_prompt, args.max_new_tokens, args.temperature)
-            r_seq = ev.append_completion(prompt_of(seq, ids.shape[1]), r_ids, r_mask)
-            ref_c = sequence_logp(ev.completion_logits(ref, seq, ids.shape[1], args.temperature, forbidden),
+            r_ids, r_mask = rollout.generate(student, processor, bad_prompt, args.max_new_tokens, args.temperature)
+            r_seq = rollout.append_completion(prompt_of(seq, ids.shape[1]), r_ids, r_mask)
+            ref_c = sequence_logp(rollout.completion_logits(ref, seq, ids.shape[1], args.temperature, forbidden),
                                   ids, mask)
-            ref_r = sequence_logp(ev.completion_logits(ref, r_seq, r_ids.shape[1], args.temperature, forbidden),
+            ref_r = sequence_logp(rollout.completion_logits(ref, r_seq, r_ids.shape[1], args.temperature, forbidden),
                                   r_ids, r_mask)
             same = same_answer(ids, mask, r_ids, r_mask)
             r_ious = ev.rollout_ious(processor, r_ids, r_mask, chunk)
@@ -206,7 +207,7 @@ def main():
         """DPO: the chosen answer's logits come from opd.train, the rejected one's are computed here."""
         r_ids = scored["rejected_ids"]
         with autocast:
-            r_logits = ev.completion_logits(student, scored["rejected_seq"], r_ids.shape[1], args.temperature,
+            r_logits = rollout.completion_logits(student, scored["rejected_seq"], r_ids.shape[1], args.temperature,
                                              forbidden)
         return dpo_loss(sequence_logp(logits, ids, mask), sequence_logp(r_logits, r_ids, scored["rejected_mask"]),
                         scored["ref_c"], scored["ref_r"], args.beta, scored["keep"])

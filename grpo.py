@@ -14,7 +14,7 @@ import torch
 
 import cli
 import data
-import eval as ev
+import rollout
 import fsdp
 import opd
 
@@ -67,7 +67,7 @@ def make_score(args, ref, forbidden):
         out = {"advantages": group_advantages(torch.tensor(ious, device=ids.device), args.group_size,
                                               args.scale_rewards)}
         if ref is not None:
-            out["ref_logp"] = ev.token_logp(ev.completion_logits(ref, seq, ids.shape[1], args.temperature,
+            out["ref_logp"] = rollout.token_logp(rollout.completion_logits(ref, seq, ids.shape[1], args.temperature,
                                                                  forbidden), ids)
         return out
     return score
@@ -79,12 +79,12 @@ def main():
     cli.start_run(args, models=("student",))
     torch.manual_seed(args.seed)
     student, processor = opd.load_student(args)
-    forbidden = ev.forbidden_ids(processor)
+    forbidden = rollout.forbidden_ids(processor)
     ref = opd.load_frozen(args.student)[0] if args.beta else None  # the frozen initial student, for the k3 KL
     score = make_score(args, ref, forbidden)
 
     def loss_fn(logits, ids, mask, old_logp, scored):
-        return grpo_loss(ev.token_logp(logits, ids), old_logp, scored["advantages"], mask, args.clip_eps,
+        return grpo_loss(rollout.token_logp(logits, ids), old_logp, scored["advantages"], mask, args.clip_eps,
                          scored.get("ref_logp"), args.beta)
 
     evals = opd.train(args, student, processor, score, loss_fn, group=args.group_size, epochs=args.ppo_epochs,

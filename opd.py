@@ -12,12 +12,10 @@ This file holds the OPD losses, the teacher's `score`, and the training loop tha
 advantage comes from). Rollouts and their log-probs are in eval.py, beside the metrics; the command line and run
 folder in cli.py; the torchrun + FSDP2 helpers in fsdp.py.
 """
-import dataclasses
 import functools
 import json
 import os
 import random
-import signal
 import time
 from dataclasses import dataclass
 
@@ -27,6 +25,7 @@ from tqdm import tqdm
 import cli
 import data
 import eval as ev
+import rollout
 import fsdp
 
 
@@ -147,7 +146,7 @@ def load_student(args):
     """The trainable student (from the run's checkpoint when resuming) and its processor."""
     path = f"{args.out}/checkpoint" if args.resume else args.student
     # fp32 master weights even on GPU: a bf16 weight cannot take a 1e-6 step (--bf16 autocasts the compute)
-    model, processor = ev.load_model(path, device=fsdp.load_device(), dtype=torch.float32)
+    model, processor = rollout.load_model(path, device=fsdp.load_device(), dtype=torch.float32)
     model.train()
     if args.freeze_vision:
         model.model.visual.requires_grad_(False)
@@ -158,7 +157,7 @@ def load_student(args):
 
 def load_teacher(args, student, processor):
     """The frozen teacher, sharded like the student, its tokenizer checked against the student's -> (teacher,
-    vocab): the student's vocabulary size, to which the teacher's logits are cut (ev.completion_logits)."""
+    vocab): the student's vocabulary size, to which the teacher's logits are cut (rollout.completion_logits)."""
     teacher, teacher_processor = load_frozen(args.teacher)
     check_tokenizers(processor, teacher_processor)
     return teacher, student.get_output_embeddings().weight.shape[0]
@@ -166,7 +165,7 @@ def load_teacher(args, student, processor):
 
 def load_frozen(path, dtype=None):
     """A model for inference only (a teacher, a reference), sharded like the student -> (model, processor)."""
-    model, processor = ev.load_model(path, device=fsdp.load_device(), dtype=dtype)
+    model, processor = rollout.load_model(path, device=fsdp.load_device(), dtype=dtype)
     return fsdp.shard(model.requires_grad_(False)), processor
 
 
@@ -174,20 +173,22 @@ def distillation(args, teacher, vocab, forbidden):
     """Video-OPD's two pieces for train: (score, loss_fn). score is the teacher's view of the rollout's own tokens
     with the same video tensors; loss_fn is Eq. 5-6 (--loss sampled) or the exact reverse KL (--loss fullkl)."""
     def score(seq, ids, mask, ious, chunk, videos):
-        t_logits = ev.completion_logits(teacher, seq, ids.shape[1], args.temperature, forbidden, vocab)
-        t_logp = ev.token_logp(t_logits, ids)
+        t_logits = rollout.completion_logits(teacher, seq, ids.shape[1], args.temperature, forbidden, vocab)
+        t_logp = rollout.token_logp(t_logits, ids)
         return {"teacher_logits": t_logits, "teacher_logp": t_logp} if args.loss == "fullkl" else \
             {"teacher_logp": t_logp}
 
     def loss_fn(logits, ids, mask, old_logp, scored):
         if args.loss == "fullkl":
             return fullkl_loss(logits, scored["teacher_logits"], mask, args.kl_chunk)
-        return opd_loss(ev.token_logp(logits, ids), old_logp, scored["teacher_logp"], mask)
+        return opd_loss(rollout.token_logp(logits, ids), old_logp, scored["teacher_logp"], mask)
 
     return score, loss_fn
 
 
 # ----------------------------------------------------------------------------- the training loop (every method)
+# TRY NOT TO MODIFY (plumbing): which prompts a step takes, prefetching them, evaluating, the log's record
+# (the run folder, checkpoints and signals: cli.py).
 def plan(args, samples, step):
     """This rank's prompts of one step: [(mb, [Sample])] per micro-batch, mb = the micro-batch's place in the
     whole step (the same under any number of ranks; it seeds the sampling)."""
@@ -204,9 +205,102 @@ def prepare(args, processor, group, micro_batches):
     expanded to `group` rollouts each (CPU work, run in a DataLoader worker while the previous step trains)."""
     out = []
     for mb, chunk in micro_batches:
-        videos, _ = ev.load_videos(chunk, fps=args.fps, max_frames=args.max_frames)
-        out.append((mb, chunk, videos, ev.expand(data.encode(processor, chunk, videos), group)))
+        videos, _ = data.load_videos(chunk, fps=args.fps, max_frames=args.max_frames)
+        out.append((mb, chunk, videos, rollout.expand(data.encode(processor, chunk, videos), group)))
     return out
+
+
+def prefetch(args, processor, samples, group, start):
+    """An iterator over the steps from `start` on, each prepare's list: DataLoader workers decode and encode a
+    step's prompts ahead of the step that uses them (with --num-workers 0, next() does the work itself)."""
+    loader = torch.utils.data.DataLoader([plan(args, samples, step) for step in range(start, args.steps)],
+                                         batch_size=None, num_workers=args.num_workers,
+                                         collate_fn=functools.partial(prepare, args, processor, group))
+    return iter(loader)
+
+
+def evaluate(args, student, processor, test, autocast, log, step, wall):
+    """The student's greedy test metrics at `step`, logged and printed -> the record."""
+    student.eval()
+    with autocast:
+        metrics, _ = ev.evaluate(student, processor, test, batch_size=args.micro_batch, fps=args.fps,
+                                 max_frames=args.max_frames, desc=f"eval @{step}")
+    student.train()
+    record = {"step": step, "wall": round(wall, 2), "eval": metrics}
+    cli.write(log, record)
+    tqdm.write(f"step {step}: " + "  ".join(f"{k} {v:.1f}" for k, v in metrics.items()))
+    return record
+
+
+def step_record(step, wall, step_time, rollouts, loss, grad_norm, lr, timing):
+    """The step's line of log.jsonl: loss, the reverse-KL estimate E[log pi_s - log pi_t] on the samples, the
+    rollouts' IoU (GRPO's reward), grad norm, lr, throughput, the time split, and a variant's own "stats" (each
+    the mean over the step's micro-batches and the ranks)."""
+    tokens = sum(r["mask"].sum().item() for r in rollouts)
+    kl = sum(((r["old_logp"] - r["scored"]["teacher_logp"]) * r["mask"]).sum().item()
+             for r in rollouts if "teacher_logp" in r["scored"])
+    ious = [x for r in rollouts for x in r["ious"]]
+    variant = [r["scored"].get("stats", {}) for r in rollouts]  # a variant's own numbers (e.g. dpo.py's)
+    names = sorted(variant[0])
+    loss, kl, tokens, iou, *means = fsdp.mean_over_ranks([loss, kl, tokens, sum(ious) / len(ious)] + [
+        sum(v[k] for v in variant) / len(variant) for k in names])
+    kl, tokens = kl / max(tokens, 1), tokens * fsdp.world()
+    times = {k: round(v, 3) for k, v in timing.items()}
+    times["other"] = round(step_time - sum(timing.values()), 3)
+    record = {"step": step, "wall": round(wall, 2), "loss": round(loss, 5), "kl": round(kl, 5),
+              "rollout_iou": round(iou, 4), "grad_norm": round(grad_norm, 4), "lr": lr,
+              "tokens_per_s": round(tokens / step_time, 1), "time": times}
+    return record | {k: round(v, 4) for k, v in zip(names, means)}
+
+
+# ALGO LOGIC: the method's three steps. Sample (collect), score the same tokens (collect, through `score`), and
+# the update (through `loss_fn`): a new method changes `score` and `loss_fn`, not these.
+def collect(args, rollout_model, processor, prepared, score, group, step, autocast, timing):
+    """One step's rollouts, micro-batch by micro-batch, without gradients -> [dict(seq, ids, mask, scored, ious)].
+
+    seq: prompt + completion [B*group, L+T]; ids, mask [B*group, T]; scored: what `score` returned; ious: each
+    completion's temporal IoU with its ground truth. timing: adds the seconds of generate and of scoring."""
+    rollouts = []
+    for mb, chunk, videos, prompt in prepared:
+        prompt = prompt.to(rollout_model.device)
+        tic = time.time()
+        torch.manual_seed(args.seed * 1_000_003 + step * 1_009 + mb)  # sampling depends on the micro-batch only
+        with autocast:
+            ids, mask = rollout.generate(rollout_model, processor, prompt, args.max_new_tokens,  # sample
+                                         args.temperature)
+        timing["generate"] += time.time() - tic
+        seq = rollout.append_completion(prompt, ids, mask)
+        ious = ev.rollout_ious(processor, ids, mask, [s for s in chunk for _ in range(group)])
+        tic = time.time()
+        with torch.no_grad(), autocast:  # not inference_mode: scores enter the autograd graph as constants
+            scored = score(seq, ids, mask, ious, chunk, videos)                                   # score
+        timing["teacher"] += time.time() - tic
+        rollouts.append(dict(seq=seq, ids=ids, mask=mask, scored=scored, ious=ious))
+    return rollouts
+
+
+def update(args, student, rollouts, loss_fn, opt, epochs, token_mean, forbidden, autocast):
+    """`epochs` passes over the step's rollouts, one optimizer step each -> (the last pass's loss, its grad norm).
+    The first pass stores each rollout's "old_logp" [B*group, T]: pi_old, the policy that sampled (Eq. 6)."""
+    # each micro-batch weighs by its share of the step's sequences (tokens): 4 + 4 + 2 prompts give the gradient
+    # of one batch of 10. Per rank: FSDP averages the ranks' gradients, so divide by the mean count over ranks
+    units = [r["mask"].sum().item() if token_mean else r["mask"].shape[0] for r in rollouts]
+    per_rank = fsdp.mean_over_ranks([sum(units)])[0]
+    params = [p for p in student.parameters() if p.requires_grad]
+    for _ in range(epochs):
+        total = 0.0
+        for r, unit in zip(rollouts, units):
+            with autocast:
+                logits = rollout.completion_logits(student, r["seq"], r["ids"].shape[1], args.temperature, forbidden)
+            if "old_logp" not in r:  # first pass = before any update
+                r["old_logp"] = rollout.token_logp(logits, r["ids"]).detach()
+            loss = loss_fn(logits, r["ids"], r["mask"], r["old_logp"], r["scored"]) * unit / per_rank  # the loss
+            loss.backward()
+            total += loss.item()
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
+        opt.step()
+        opt.zero_grad()
+    return total, (grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm).item()
 
 
 def train(args, student, processor, score, loss_fn, rollout_model=None, group=1, epochs=1, pool=None,
@@ -231,135 +325,49 @@ def train(args, student, processor, score, loss_fn, rollout_model=None, group=1,
     if args.prompts_per_step % fsdp.world():  # every rank must run the same number of micro-batches (FSDP)
         raise ValueError(f"--prompts-per-step {args.prompts_per_step} must divide by the {fsdp.world()} processes")
     samples = pool if pool is not None else data.load_samples(args.data, args.video_root, args.skip_bad)
-    test = data.load_samples(args.eval_data, args.video_root, args.skip_bad) if args.eval_data else None
-    test = test[:args.eval_limit] if test and args.eval_limit else test
-    forbidden = ev.forbidden_ids(processor)
-    params = [p for p in student.parameters() if p.requires_grad]
+    test = load_test(args)
+    forbidden = rollout.forbidden_ids(processor)
     opt, sched = optimizer or make_optimizer(args, student)
-    os.makedirs(args.out, exist_ok=True)
-    start, wall = 0, 0.0
-    if args.resume:
-        state = torch.load(f"{args.out}/checkpoint/state.pt", weights_only=False)
-        fsdp.load_optimizer_state(student, opt, state["optimizer"]), sched.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["torch_rng"])
-        start, wall = state["step"], state["wall"]
-    kept = []  # on resume: the log up to the checkpoint (a killed run may have logged steps after it)
-    if args.resume and os.path.exists(f"{args.out}/log.jsonl"):
-        kept = [r for r in map(json.loads, open(f"{args.out}/log.jsonl")) if r["step"] <= start]
-    fsdp.barrier()  # every rank has read the old log before rank 0 rewrites it
-    log = open(f"{args.out}/log.jsonl" if fsdp.rank() == 0 else os.devnull, "w")  # rank 0 logs for all
-    log.writelines(json.dumps(r) + "\n" for r in kept)
+    start, wall, log, kept = cli.open_run(args, student, opt, sched)
     autocast = torch.autocast(student.device.type, torch.bfloat16, enabled=args.bf16)
-
-    def evaluate(step):
-        student.eval()
-        with autocast:
-            metrics, _ = ev.evaluate(student, processor, test, batch_size=args.micro_batch, fps=args.fps,
-                                     max_frames=args.max_frames, desc=f"eval @{step}")
-        student.train()
-        record = {"step": step, "wall": round(wall, 2), "eval": metrics}
-        log.write(json.dumps(record) + "\n"), log.flush()
-        tqdm.write(f"step {step}: " + "  ".join(f"{k} {v:.1f}" for k, v in metrics.items()))
-        return record
-
-    evals = [r for r in kept if "eval" in r] or ([evaluate(start)] if test else [])
+    evaluate_at = functools.partial(evaluate, args, student, processor, test, autocast, log)
+    evals = [r for r in kept if "eval" in r] or ([evaluate_at(start, wall)] if test else [])
+    upcoming = prefetch(args, processor, samples, group, start)
     bar = tqdm(range(start, args.steps), desc=os.path.basename(args.out.rstrip("/")), initial=start,
                total=args.steps, disable=fsdp.rank() > 0)
-    # each step's prompts are decoded and encoded by DataLoader workers, ahead of the step that uses them
-    loader = torch.utils.data.DataLoader([plan(args, samples, step) for step in range(start, args.steps)],
-                                         batch_size=None, num_workers=args.num_workers,
-                                         collate_fn=functools.partial(prepare, args, processor, group))
-    upcoming = iter(loader)
-    # Ctrl-C or SIGTERM: finish this step, save a checkpoint, stop (a second Ctrl-C stops at once)
-    stop = []
-    previous = {sig: signal.signal(sig, functools.partial(_interrupt, stop)) for sig in (signal.SIGINT, signal.SIGTERM)}
-    for step in bar:
-        t0, timing = time.time(), dict(generate=0.0, student=0.0, teacher=0.0)
-        prepared = next(upcoming)  # waits only if the workers are behind (with --num-workers 0: does the work)
-        # 1. rollouts and their scores, micro-batch by micro-batch (no grad)
-        rollouts = []
-        for mb, chunk, videos, prompt in prepared:
-            prompt = prompt.to(student.device)
+    with cli.stop_on_signal() as stop:
+        for step in bar:
+            t0, timing = time.time(), dict(generate=0.0, student=0.0, teacher=0.0)
+            rollouts = collect(args, rollout_model, processor, next(upcoming), score, group, step, autocast, timing)
             tic = time.time()
-            torch.manual_seed(args.seed * 1_000_003 + step * 1_009 + mb)  # sampling depends on the micro-batch only
-            with autocast:
-                ids, mask = ev.generate(rollout_model, processor, prompt, args.max_new_tokens, args.temperature)
-            timing["generate"] += time.time() - tic
-            seq = ev.append_completion(prompt, ids, mask)
-            ious = ev.rollout_ious(processor, ids, mask, [s for s in chunk for _ in range(group)])
-            tic = time.time()
-            with torch.no_grad(), autocast:  # not inference_mode: scores enter the autograd graph as constants
-                scored = score(seq, ids, mask, ious, chunk, videos)
-            timing["teacher"] += time.time() - tic
-            rollouts.append((seq, ids, mask, scored, ious))
-        # 2. updates: epochs passes over the rollouts, one optimizer step each
-        tic = time.time()
-        old_logps = [None] * len(rollouts)
-        # each micro-batch weighs by its share of the step's sequences (tokens): 4 + 4 + 2 prompts give the gradient
-        # of one batch of 10. Per rank: FSDP averages the ranks' gradients, so divide by the mean count over ranks
-        units = [m.sum().item() if token_mean else m.shape[0] for _, _, m, _, _ in rollouts]
-        per_rank = fsdp.mean_over_ranks([sum(units)])[0]
-        for _ in range(epochs):
-            stats = dict(loss=0.0)
-            for r, (seq, ids, mask, scored, _) in enumerate(rollouts):
-                with autocast:
-                    logits = ev.completion_logits(student, seq, ids.shape[1], args.temperature, forbidden)
-                logp = ev.token_logp(logits, ids)
-                if old_logps[r] is None:  # pi_old: the policy that sampled (first pass = before any update)
-                    old_logps[r] = logp.detach()
-                loss = loss_fn(logits, ids, mask, old_logps[r], scored) * units[r] / per_rank
-                loss.backward()
-                stats["loss"] += loss.item()
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
-            grad_norm = (grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm).item()
-            opt.step(), opt.zero_grad()
-        sched.step()
-        if after_step:
-            after_step()
-        timing["student"] = time.time() - tic
-        # 3. logging: the reverse-KL estimate, the rollouts' IoU (GRPO's reward), throughput, time split
-        tokens = sum(m.sum().item() for _, _, m, _, _ in rollouts)
-        kl = sum(((old_logps[r] - s["teacher_logp"]) * m).sum().item()  # E[log pi_s - log pi_t] on samples
-                 for r, (_, _, m, s, _) in enumerate(rollouts) if "teacher_logp" in s)
-        ious = [x for *_, xs in rollouts for x in xs]
-        variant = [s.get("stats", {}) for _, _, _, s, _ in rollouts]  # a variant's own numbers (e.g. dpo.py's)
-        names = sorted(variant[0])
-        loss, kl, tokens, iou, *means = fsdp.mean_over_ranks([stats["loss"], kl, tokens, sum(ious) / len(ious)] + [
-            sum(v[k] for v in variant) / len(variant) for k in names])
-        kl, tokens = kl / max(tokens, 1), tokens * fsdp.world()
-        step_time = time.time() - t0
-        wall += step_time
-        record = {"step": step + 1, "wall": round(wall, 2), "loss": round(loss, 5),
-                  "kl": round(kl, 5), "rollout_iou": round(iou, 4), "grad_norm": round(grad_norm, 4),
-                  "lr": sched.get_last_lr()[0], "tokens_per_s": round(tokens / step_time, 1),
-                  "time": {k: round(v, 3) for k, v in timing.items()} | {
-                      "other": round(step_time - sum(timing.values()), 3)}} | {
-                      k: round(v, 4) for k, v in zip(names, means)}
-        log.write(json.dumps(record) + "\n"), log.flush()
-        bar.set_postfix(loss=f"{loss:.3f}", kl=f"{kl:.3f}", iou=f"{iou:.3f}")
-        if test and args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < args.steps:
-            evals.append(evaluate(step + 1))
-        if (step + 1) % args.save_every == 0 or step + 1 == args.steps or stop:
-            save(args, student, processor, opt, sched, step + 1, wall)
-        if stop:
-            break
-    for sig, handler in previous.items():
-        signal.signal(sig, handler)
-    if stop:
-        log.close()
-        raise SystemExit(f"interrupted: checkpoint at step {step + 1} in {args.out}/checkpoint; continue with --resume")
+            loss, grad_norm = update(args, student, rollouts, loss_fn, opt, epochs, token_mean, forbidden, autocast)
+            sched.step()
+            if after_step:
+                after_step()
+            timing["student"] = time.time() - tic
+            step_time = time.time() - t0
+            wall += step_time
+            record = step_record(step + 1, wall, step_time, rollouts, loss, grad_norm, sched.get_last_lr()[0], timing)
+            cli.write(log, record)
+            bar.set_postfix(loss=f"{record['loss']:.3f}", kl=f"{record['kl']:.3f}", iou=f"{record['rollout_iou']:.3f}")
+            if test and args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < args.steps:
+                evals.append(evaluate_at(step + 1, wall))
+            if (step + 1) % args.save_every == 0 or step + 1 == args.steps or stop:
+                cli.save(args, student, processor, opt, sched, step + 1, wall)
+            if stop:
+                log.close()
+                raise SystemExit(f"interrupted: checkpoint at step {step + 1} in {args.out}/checkpoint; continue "
+                                 "with --resume")
     if test and (not evals or evals[-1]["step"] < args.steps):
-        evals.append(evaluate(args.steps))
+        evals.append(evaluate_at(args.steps, wall))
     log.close()
     return evals
 
 
-def _interrupt(stop, signum, frame):
-    """Signal handler of train: the first signal asks the loop to stop after this step, a second stops now."""
-    if stop:
-        raise KeyboardInterrupt
-    stop.append(signum)
-    tqdm.write("stopping after this step (Ctrl-C again to stop now)")
+def load_test(args):
+    """The test samples of train's periodic evaluation (the first --eval-limit of them), or None."""
+    test = data.load_samples(args.eval_data, args.video_root, args.skip_bad) if args.eval_data else None
+    return test[:args.eval_limit] if test and args.eval_limit else test
 
 
 def make_optimizer(args, student):
@@ -367,20 +375,6 @@ def make_optimizer(args, student):
     opt = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=args.lr,
                             weight_decay=args.weight_decay)
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / (args.warmup_steps + 1)))
-
-
-def save(args, student, processor, opt, sched, step, wall):
-    """A checkpoint plain transformers can load (student + processor) plus what --resume needs. Every rank calls
-    it (gathering the shards is collective); rank 0 writes."""
-    path = f"{args.out}/checkpoint"
-    fsdp.save_model(student, processor, path)
-    state = fsdp.optimizer_state(student, opt)
-    if fsdp.rank() == 0:
-        torch.save({"optimizer": state, "scheduler": sched.state_dict(), "torch_rng": torch.get_rng_state(),
-                    "step": step, "wall": wall, "args": dataclasses.asdict(args)}, f"{path}/state.pt")
-        with open(f"{path}/step.json", "w") as f:  # what --resume checks before loading anything
-            json.dump({"step": step}, f)
-    fsdp.barrier()  # nobody reads the checkpoint before rank 0 has written it
 
 
 def teacher_metrics(args, teacher, processor):
@@ -427,7 +421,7 @@ def main():
     torch.manual_seed(args.seed)
     student, processor = load_student(args)
     teacher, vocab = load_teacher(args, student, processor)
-    score, loss_fn = distillation(args, teacher, vocab, ev.forbidden_ids(processor))
+    score, loss_fn = distillation(args, teacher, vocab, rollout.forbidden_ids(processor))
     evals = train(args, student, processor, score, loss_fn, group=args.rollouts_per_prompt,
                   rollout_model=teacher if args.rollouts == "teacher" else None)
     finish(args, student, processor, evals, teacher)

@@ -8,7 +8,7 @@ stops in build are what a build fixes, not the models). A build makes:
      SFT's stop and every tuning); train_noisy.jsonl with a share of wrong spans, listed in noisy.json (TVDF's TRPV);
   2. an offline byte-level BPE tokenizer with the Qwen3-VL special tokens and chat template (digits one per token);
   3. a smaller student and a larger teacher, tiny Qwen3VLForConditionalGeneration models (random init), each saved
-     beside a real Qwen3VLProcessor, so eval.load_model("miniature/teacher") is the path of "Qwen/Qwen3-VL-8B-Instruct";
+     beside a real Qwen3VLProcessor, so rollout.load_model("miniature/teacher") is the path of "Qwen/Qwen3-VL-8B-Instruct";
   4. SFT so that the student already grounds, less precisely than the teacher (as in the paper), and an earlier
      checkpoint of the teacher as a weaker teacher (teacher_weak). Test metrics: metrics.json.
 """
@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 import data
 import eval as ev
+import rollout
 
 MINIATURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "miniature")  # the shipped build
 REBUILD = "runs/toy"  # `python toy.py`'s default --out (runs/ is ignored by git)
@@ -336,7 +337,7 @@ def greedy_answers(model, processor, samples, videos, feedback=None):
     rows, feedback = [], feedback or [None] * len(samples)
     for i in range(0, len(samples), 32):
         batch = data.encode(processor, samples[i:i + 32], videos[i:i + 32], feedback=feedback[i:i + 32])
-        rows += ev.decode(processor, *ev.generate(model, processor, batch, 24))
+        rows += rollout.decode(processor, *rollout.generate(model, processor, batch, 24))
     return rows
 
 
@@ -354,7 +355,7 @@ def reward_spread(model, processor, samples, videos, n=8):
     """Fraction of prompts whose n sampled answers (temperature 1) differ in IoU: GRPO needs such groups."""
     spread = 0
     for s, v in zip(samples, videos):
-        ids, mask = ev.generate(model, processor, data.encode(processor, [s] * n, [v] * n), 24, temperature=1.0)
+        ids, mask = rollout.generate(model, processor, data.encode(processor, [s] * n, [v] * n), 24, temperature=1.0)
         spread += len(set(ev.rollout_ious(processor, ids, mask, [s] * n))) > 1
     return round(100.0 * spread / len(samples), 1)
 

@@ -31,6 +31,7 @@ import torch
 import cli
 import data
 import eval as ev
+import rollout
 import fsdp
 import opd
 
@@ -211,7 +212,7 @@ def main():
         print(describe(t_iou, s_iou, chosen, args.tau))
         print(f"wrote {len(chosen)} samples to {args.out}/selected.jsonl")
         return
-    score, loss_fn = opd.distillation(args, teacher, vocab, ev.forbidden_ids(processor))
+    score, loss_fn = opd.distillation(args, teacher, vocab, rollout.forbidden_ids(processor))
     evals = curriculum(args, student, processor, teacher, score, loss_fn)
     opd.finish(args, student, processor, evals, teacher)
 

@@ -19,7 +19,7 @@ handsome-rich/VA-OPD, whose settings table is "checked against Appendix A"):
   group means weighted 0.5 / 0.5, 4 rollouts per prompt at T 0.7: code.
 - ceil(0.2 T) with ties to the earlier token: the code's own choice (its comments say the paper gives none).
 - ours: top_p 0.95 (code) is not applied, and the teacher scores at the sampling temperature (the code scores both
-  at T 1): here every log-prob is of the distribution that sampled (eval.generate, ev.completion_logits).
+  at T 1): here every log-prob is of the distribution that sampled (rollout.generate, rollout.completion_logits).
 """
 from dataclasses import dataclass
 
@@ -27,7 +27,7 @@ import torch
 
 import cli
 import data
-import eval as ev
+import rollout
 import fsdp
 import opd
 
@@ -97,7 +97,7 @@ def va_opd_loss(logits, teacher_logits, va, mask, group, top=0.2, chunk=16):
     Normalisation: means over each token group (an empty group contributes 0, e.g. the low group of a
     one-token rollout), a weighted sum over the group's rollouts, then the mean over the B prompts; unlike
     fullkl_loss, which sums over tokens.
-    Paper setting: 4 rollouts per prompt, T 0.7, top_p 0.95. top_p is not applied: eval.generate samples purely
+    Paper setting: 4 rollouts per prompt, T 0.7, top_p 0.95. top_p is not applied: rollout.generate samples purely
     (top_p 1) because every score here must be of the distribution that sampled.
     """
     kl = opd.token_kl(logits, teacher_logits, chunk)
@@ -116,18 +116,18 @@ def main():
     torch.manual_seed(args.seed)
     student, processor = opd.load_student(args)
     teacher, vocab = opd.load_teacher(args, student, processor)
-    forbidden = ev.forbidden_ids(processor)
+    forbidden = rollout.forbidden_ids(processor)
 
     def score(seq, ids, mask, ious, chunk, videos):
         """The teacher's view of the same tokens with the same video tensors, and with the degraded video."""
-        t_logits = ev.completion_logits(teacher, seq, ids.shape[1], args.temperature, forbidden, vocab)
-        t_logp = ev.token_logp(t_logits, ids)
-        d_seq = ev.reprompt(processor, chunk, [(degrade(frames, args.va_scale), meta) for frames, meta in videos],
+        t_logits = rollout.completion_logits(teacher, seq, ids.shape[1], args.temperature, forbidden, vocab)
+        t_logp = rollout.token_logp(t_logits, ids)
+        d_seq = rollout.reprompt(processor, chunk, [(degrade(frames, args.va_scale), meta) for frames, meta in videos],
                             ids, mask)
         if not torch.equal(d_seq["input_ids"], seq["input_ids"]):
             raise ValueError("the degraded video changed the prompt's token layout")
-        d_logits = ev.completion_logits(teacher, d_seq, ids.shape[1], args.temperature, forbidden, vocab)
-        va = visual_advantage(t_logp, ev.token_logp(d_logits, ids), mask)
+        d_logits = rollout.completion_logits(teacher, d_seq, ids.shape[1], args.temperature, forbidden, vocab)
+        va = visual_advantage(t_logp, rollout.token_logp(d_logits, ids), mask)
         return {"teacher_logits": t_logits, "teacher_logp": t_logp, "va": va,
                 "stats": {"va": (va.sum() / mask.sum()).item()}}  # the mean visual advantage, for the log
 

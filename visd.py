@@ -30,6 +30,7 @@ import torch
 import cli
 import data
 import eval as ev
+import rollout
 import fsdp
 import grpo
 import opd
@@ -91,7 +92,7 @@ def main():
     cli.start_run(args, models=("student",))
     torch.manual_seed(args.seed)
     student, processor = opd.load_student(args)
-    forbidden = ev.forbidden_ids(processor)
+    forbidden = rollout.forbidden_ids(processor)
     ref = opd.load_frozen(args.student)[0] if args.beta else None
     grpo_score = grpo.make_score(args, ref, forbidden)
     # the teacher: the policy itself at the start, then its EMA; loaded again from disk because FSDP modules cannot
@@ -106,9 +107,9 @@ def main():
         if out["lambda"] == 0:  # the hand-over is complete: plain GRPO, no judge, no teacher pass
             return out
         rollouts = [s for s in chunk for _ in range(args.group_size)]
-        verdicts = [ev.judge(a, s) for a, s in zip(ev.decode(processor, ids, mask), rollouts)]
-        t_seq = ev.reprompt(processor, chunk, videos, ids, mask, feedback=[v["feedback"] for v in verdicts])
-        out["teacher_logp"] = ev.token_logp(ev.completion_logits(teacher, t_seq, ids.shape[1], args.temperature,
+        verdicts = [ev.judge(a, s) for a, s in zip(rollout.decode(processor, ids, mask), rollouts)]
+        t_seq = rollout.reprompt(processor, chunk, videos, ids, mask, feedback=[v["feedback"] for v in verdicts])
+        out["teacher_logp"] = rollout.token_logp(rollout.completion_logits(teacher, t_seq, ids.shape[1], args.temperature,
                                                                  forbidden), ids)
         out["stats"] = {"lambda": out["lambda"], "judged_consistent": sum(v["consistent"] for v in verdicts) /
                         len(verdicts)}
@@ -118,7 +119,7 @@ def main():
         adv = scored["advantages"]
         if "teacher_logp" in scored:
             adv = visd_advantages(adv, scored["teacher_logp"], old_logp, args.visd_clip, scored["lambda"])
-        return grpo.grpo_loss(ev.token_logp(logits, ids), old_logp, adv, mask, args.clip_eps,
+        return grpo.grpo_loss(rollout.token_logp(logits, ids), old_logp, adv, mask, args.clip_eps,
                               scored.get("ref_logp"), args.beta)
 
     def after_step():  # the EMA teacher follows the student; the schedule moves on

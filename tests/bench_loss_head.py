@@ -1,4 +1,4 @@
-"""Peak memory of the loss head: completion-only logits (eval.completion_logits) vs full-sequence logits.
+"""Peak memory of the loss head: completion-only logits (rollout.completion_logits) vs full-sequence logits.
 
     python tests/bench_loss_head.py [--prompt-tokens 2048] [--vocab 151936] [--completion 64] [--loss sampled]
 
@@ -24,7 +24,7 @@ def one(variant, prompt_tokens, vocab, completion, workdir, loss="sampled"):
     import numpy as np
     import torch
     import data
-    import eval as ev
+    import rollout
     import opd
     import toy
     cfg = toy.ToyConfig.reduced()
@@ -36,12 +36,12 @@ def one(variant, prompt_tokens, vocab, completion, workdir, loss="sampled"):
     meta = {"total_num_frames": 2 * pairs, "fps": 2.0, "frames_indices": list(range(2 * pairs)), "duration": pairs}
     batch = data.encode(processor, [data.Sample("x.mp4", "the red circle", (0, 1), None, "x")], [(frames, meta)])
     ids = torch.randint(100, 300, (1, completion))  # ordinary text tokens (the specials come first)
-    seq = ev.append_completion(batch, ids, torch.ones_like(ids))
+    seq = rollout.append_completion(batch, ids, torch.ones_like(ids))
     forbidden = [0]
 
     def head():
         if variant == "completion":
-            return ev.completion_logits(model, seq, completion, 1.0, forbidden)
+            return rollout.completion_logits(model, seq, completion, 1.0, forbidden)
         return model(**seq, use_cache=False).logits[:, -completion - 1:-1]  # the naive way: all, then a slice
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     if loss == "fullkl":
@@ -49,7 +49,7 @@ def one(variant, prompt_tokens, vocab, completion, workdir, loss="sampled"):
             teacher = head()
         opd.fullkl_loss(head(), teacher, torch.ones_like(ids, dtype=torch.float)).backward()
     else:
-        ev.token_logp(head(), ids).sum().backward()
+        rollout.token_logp(head(), ids).sum().backward()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     print(json.dumps({"variant": variant, "loss": loss, "sequence_tokens": seq["input_ids"].shape[1],
                       "peak_growth_mb": round((peak - before) / 1024, 1)}))

@@ -104,11 +104,11 @@ def make_data(folder):
 
 def child(script, argv, out_json):
     """Run `script argv` in this process, sampling resident memory per phase (the phase = the last of opd's
-    functions entered: generate, teacher scoring = eval.completion_logits without grad, student = with grad + backward)."""
+    functions entered: generate, teacher scoring = rollout.completion_logits without grad, student = with grad + backward)."""
     import importlib
     import torch
-    import eval as ev
-    import opd
+    import rollout
+    import cli
     page = os.sysconf("SC_PAGE_SIZE")
     phase, peaks = ["load"], {}
 
@@ -127,10 +127,10 @@ def child(script, argv, out_json):
             phase[0] = name(*a) if callable(name) else name
             return fn(*a, **kw)
         return wrapper
-    ev.generate = labelled(ev.generate, "generate")
-    ev.completion_logits = labelled(ev.completion_logits,
+    rollout.generate = labelled(rollout.generate, "generate")
+    rollout.completion_logits = labelled(rollout.completion_logits,
                                     lambda *a: "student fwd+bwd" if torch.is_grad_enabled() else "teacher fwd")
-    opd.save = labelled(opd.save, "save")
+    cli.save = labelled(cli.save, "save")
     sys.argv = [script, *argv]
     importlib.import_module(script[:-3]).main()  # the module, not a fresh __main__, so the wrappers above apply
     peaks[phase[0]] = max(peaks.get(phase[0], 0.0), rss())

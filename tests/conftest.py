@@ -58,9 +58,9 @@ def tiny_processor(tiny):
 
 @pytest.fixture(scope="session")
 def teacher(tiny):
-    """(model, processor) of the miniature teacher through eval.load_model, the path real checkpoints take."""
-    import eval as ev
-    return ev.load_model(tiny["teacher"])
+    """(model, processor) of the miniature teacher through rollout.load_model, the path real checkpoints take."""
+    import rollout
+    return rollout.load_model(tiny["teacher"])
 
 
 @pytest.fixture(scope="session")

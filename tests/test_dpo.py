@@ -8,6 +8,7 @@ import torch
 
 import data
 import dpo
+import rollout
 from test_opd import _run, _weights
 
 
@@ -82,7 +83,7 @@ def test_prompt_of_undoes_append_completion():
                                    "mm_token_type_ids": torch.tensor([[0, 2, 0], [2, 2, 0]]),
                                    "pixel_values_videos": torch.randn(6, 4),
                                    "video_grid_thw": torch.tensor([[1, 1, 3]] * 2)})
-    seq = dpo.ev.append_completion(prompt, torch.tensor([[8, 9], [8, 0]]), torch.tensor([[1, 1], [1, 0]]))
+    seq = rollout.append_completion(prompt, torch.tensor([[8, 9], [8, 0]]), torch.tensor([[1, 1], [1, 0]]))
     back = dpo.prompt_of(seq, 2)
     assert set(back) == set(prompt)
     for k in prompt:

@@ -10,6 +10,8 @@ import torch
 
 import data
 import eval as ev
+import report
+import rollout
 from conftest import REPO
 
 
@@ -125,7 +127,7 @@ def test_generate_mask_and_padding(teacher, tiny_test):
     ended = 0
     with logit_bias(model, [eos], 4.0):  # make EOS come early in some rows, not in others
         for _ in range(3):
-            ids, mask = ev.generate(model, processor, batch, max_new_tokens=12, temperature=1.0)
+            ids, mask = rollout.generate(model, processor, batch, max_new_tokens=12, temperature=1.0)
             assert ids.shape[0] == 4
             ended += check_mask(ids, mask, {eos}, pad)
     assert ended > 0, "no row ended before max_new_tokens: the test did not exercise the mask"
@@ -144,7 +146,7 @@ def test_generate_mask_when_pad_is_an_eos(teacher, tiny_test):
         ended = 0
         with logit_bias(model, [eos], 4.0):
             for _ in range(2):
-                ids, mask = ev.generate(model, processor, batch, max_new_tokens=12, temperature=1.0)
+                ids, mask = rollout.generate(model, processor, batch, max_new_tokens=12, temperature=1.0)
                 ended += check_mask(ids, mask, {eos, pad}, pad)
         assert ended > 0
     finally:
@@ -154,7 +156,7 @@ def test_generate_mask_when_pad_is_an_eos(teacher, tiny_test):
 def test_generate_never_samples_vision_tokens(teacher, tiny_test):
     model, processor = teacher
     tok = processor.tokenizer
-    vision = ev.forbidden_ids(processor)
+    vision = rollout.forbidden_ids(processor)
     assert set(vision) == {tok.convert_tokens_to_ids(t) for t in
                            ["<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]}
     batch = data.encode(processor, *tiny_test)
@@ -162,9 +164,9 @@ def test_generate_never_samples_vision_tokens(teacher, tiny_test):
     # with this bias an unsuppressed vision token would be sampled at nearly every step
     with logit_bias(model, vision, 30.0):
         for _ in range(3):
-            ids, mask = ev.generate(model, processor, batch, max_new_tokens=8, temperature=1.0)
+            ids, mask = rollout.generate(model, processor, batch, max_new_tokens=8, temperature=1.0)
             assert not torch.isin(ids, torch.tensor(vision)).any()
-    ids, _ = ev.generate(model, processor, batch, max_new_tokens=8)  # greedy too
+    ids, _ = rollout.generate(model, processor, batch, max_new_tokens=8)  # greedy too
     assert not torch.isin(ids, torch.tensor(vision)).any()
 
 
@@ -172,9 +174,9 @@ def test_greedy_is_deterministic_and_batch_independent(teacher, tiny_test):
     """Left padding: a sample's greedy answer does not depend on the batch it is in."""
     model, processor = teacher
     samples, videos = tiny_test
-    ids, mask = ev.generate(model, processor, data.encode(processor, samples, videos), max_new_tokens=6)
-    again, _ = ev.generate(model, processor, data.encode(processor, samples, videos), max_new_tokens=6)
-    alone, _ = ev.generate(model, processor, data.encode(processor, samples[1:2], videos[1:2]), max_new_tokens=6)
+    ids, mask = rollout.generate(model, processor, data.encode(processor, samples, videos), max_new_tokens=6)
+    again, _ = rollout.generate(model, processor, data.encode(processor, samples, videos), max_new_tokens=6)
+    alone, _ = rollout.generate(model, processor, data.encode(processor, samples[1:2], videos[1:2]), max_new_tokens=6)
     assert torch.equal(ids, again) and torch.equal(ids[1], alone[0])
 
 
@@ -224,7 +226,7 @@ def test_compare_time_to_target_and_seed_groups(tmp_path):
     _fake_run(tmp_path / "fast-s1", [50, 70, 80, 80], step_time=1.0)
     _fake_run(tmp_path / "slow", [50, 55, 58, 60], step_time=2.0)
     runs = [str(tmp_path / n) for n in ("fast-s0", "fast-s1", "slow")]
-    out = ev.compare(runs, str(tmp_path / "cmp"))
+    out = report.compare(runs, str(tmp_path / "cmp"))
     assert out[runs[0]]["target_mIoU"] == 60 and out[runs[0]]["target_step"] == 10
     assert out[runs[2]]["target_step"] == 30 and out[runs[2]]["time_to_target_s"] == 60
     assert out[runs[0]]["best_mIoU"] == 90 and out[runs[1]]["final_mIoU"] == 80
@@ -232,7 +234,7 @@ def test_compare_time_to_target_and_seed_groups(tmp_path):
     assert saved["seeds"][str(tmp_path / "fast")]["best_mIoU"] == [85.0, 5.0]  # mean, std over the two seeds
     assert saved["step_time"][runs[2]]["other_%"] == 25.0
     assert (tmp_path / "cmp.png").stat().st_size > 1000
-    never = ev.compare(runs, str(tmp_path / "cmp2"), target=85)
+    never = report.compare(runs, str(tmp_path / "cmp2"), target=85)
     assert never[runs[0]]["target_step"] == 30 and never[runs[2]]["target_step"] != never[runs[2]]["target_step"]
 
 
@@ -245,7 +247,7 @@ def test_compare_time_to_target_against_a_baseline(tmp_path):
     _fake_run(tmp_path / "fast-s1", [50, 60, 70], step_time=1.0)      # at step 20: ratio 1.0
     _fake_run(tmp_path / "costly", [50, 60, 70], step_time=3.0)       # at step 20, 3 s a step: ratio 3.0
     runs = [str(tmp_path / n) for n in ("base-s0", "base-s1", "fast-s0", "fast-s1", "costly")]
-    out = ev.compare(runs, str(tmp_path / "cmp"), baseline=str(tmp_path / "base"))
+    out = report.compare(runs, str(tmp_path / "cmp"), baseline=str(tmp_path / "base"))
     assert all(r["target_mIoU"] == 65 for r in out.values())
     times = [out[r]["time_to_target_s"] for r in runs]
     assert times[0] != times[0] and times[1:] == [20, 10, 20, 60]
@@ -255,7 +257,7 @@ def test_compare_time_to_target_against_a_baseline(tmp_path):
     assert ratio["fast"] == {"mean": 0.75, "std": 0.25, "reached": 2, "seeds": 2}
     assert ratio["base"]["reached"] == 1 and ratio["base"]["mean"] == 1.0 and ratio["costly"]["mean"] == 3.0
     with pytest.raises(data.DataError, match="none of the runs"):
-        ev.compare(runs, str(tmp_path / "cmp3"), baseline=str(tmp_path / "grpo"))
+        report.compare(runs, str(tmp_path / "cmp3"), baseline=str(tmp_path / "grpo"))
 
 
 def test_compare_against_a_baseline_whose_best_is_its_start(tmp_path):
@@ -264,7 +266,7 @@ def test_compare_against_a_baseline_whose_best_is_its_start(tmp_path):
     _fake_run(tmp_path / "flat-s1", [70, 70, 68], step_time=1.0)
     _fake_run(tmp_path / "fast-s0", [70, 90, 95], step_time=1.0)
     runs = [str(tmp_path / n) for n in ("flat-s0", "flat-s1", "fast-s0")]
-    out = ev.compare(runs, str(tmp_path / "cmp"), baseline=str(tmp_path / "flat"))
+    out = report.compare(runs, str(tmp_path / "cmp"), baseline=str(tmp_path / "flat"))
     assert all(r["target_mIoU"] == 70 and r["time_to_target_s"] == 0 for r in out.values())
     ratio = {os.path.basename(k): v for k, v in json.load(open(tmp_path / "cmp.json"))["ratio"].items()}
     assert ratio["fast"]["mean"] != ratio["fast"]["mean"] and ratio["fast"]["reached"] == 1

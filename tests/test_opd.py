@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 import data
-import eval as ev
+import rollout
 import opd
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -90,7 +90,7 @@ def test_completion_logits_slices_padded_teacher_vocab_and_blocks_forbidden():
     """A teacher with a padded embedding (vocab 10 vs the student's 7) is scored over the student's 7."""
     logits = torch.randn(2, 6, 10)
     fake = lambda **kw: SimpleNamespace(logits=logits[:, -kw["logits_to_keep"]:])
-    out = ev.completion_logits(fake, {}, T=3, temperature=2.0, forbidden=[1, 4], vocab=7)
+    out = rollout.completion_logits(fake, {}, T=3, temperature=2.0, forbidden=[1, 4], vocab=7)
     assert out.shape == (2, 3, 7)
     assert torch.isinf(out[..., [1, 4]]).all()
     # position t's logits predict completion token t: the T+1 kept positions drop the last one
@@ -100,14 +100,14 @@ def test_completion_logits_slices_padded_teacher_vocab_and_blocks_forbidden():
 def test_completion_mask_keeps_eos_when_pad_equals_eos():
     eos = 9
     ids = torch.tensor([[4, 5, eos, eos, eos], [4, eos, 6, 7, eos], [1, 2, 3, 4, 5]])
-    assert ev.completion_mask(ids, [eos]).tolist() == [[1, 1, 1, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 1, 1]]
+    assert rollout.completion_mask(ids, [eos]).tolist() == [[1, 1, 1, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 1, 1]]
 
 
 @pytest.fixture(scope="module")
 def student(tiny):
-    model, processor = ev.load_model(tiny["student"])
+    model, processor = rollout.load_model(tiny["student"])
     samples = data.load_annotations(tiny["test"])[:2]
-    videos, _ = ev.load_videos(samples)
+    videos, _ = data.load_videos(samples)
     return model, processor, samples, data.encode(processor, samples, videos)
 
 
@@ -116,7 +116,7 @@ def test_expand_keeps_video_features_aligned(student):
     model, processor, samples, batch = student
     with torch.no_grad():
         base = model(**batch).logits
-        big = model(**ev.expand(batch, 3)).logits
+        big = model(**rollout.expand(batch, 3)).logits
     assert big.shape[0] == 6
     for i in range(2):
         for k in range(3):
@@ -168,7 +168,7 @@ def test_rollouts_are_sampled_by_the_model_named(tiny, tmp_path, monkeypatch, ro
     """--rollouts teacher (off-policy): every training rollout is sampled by the teacher model object, and the
     student is scored and updated on exactly those tokens; on-policy, by the student itself. Evaluations stay
     greedy: the student's before and after, the teacher's once."""
-    real_generate, real_logits = ev.generate, ev.completion_logits
+    real_generate, real_logits = rollout.generate, rollout.completion_logits
     sampled, greedy, trained, scored = [], [], [], []
 
     def generate(model, processor, batch, max_new_tokens=32, temperature=None):
@@ -180,8 +180,8 @@ def test_rollouts_are_sampled_by_the_model_named(tiny, tmp_path, monkeypatch, ro
         # with grad: the student's pass the loss backpropagates through; without: the teacher's score
         (trained if torch.is_grad_enabled() else scored).append((model, seq["input_ids"][:, -T:]))
         return real_logits(model, seq, T, *args)
-    monkeypatch.setattr(ev, "generate", generate)
-    monkeypatch.setattr(ev, "completion_logits", completion_logits)
+    monkeypatch.setattr(rollout, "generate", generate)
+    monkeypatch.setattr(rollout, "completion_logits", completion_logits)
     out = tmp_path / "run"
     monkeypatch.setattr(sys, "argv", [
         "opd.py", "--student", tiny["student"], "--teacher", tiny["teacher"], "--data", tiny["train"], "--eval-data",
@@ -218,7 +218,7 @@ def test_mismatched_tokenizers_are_refused():
 @pytest.mark.parametrize("loss, copies", [("fullkl", 1.5), pytest.param("sampled", 0.75, marks=pytest.mark.slow)])
 def test_loss_head_memory_completion_only_vs_full_logits(tmp_path, loss, copies):
     """Peak memory growth of one forward+backward on a ~1k-token video prompt with Qwen's 151,936-row vocab:
-    completion-only logits (eval.completion_logits) vs full-sequence logits, for the full-vocabulary KL the
+    completion-only logits (rollout.completion_logits) vs full-sequence logits, for the full-vocabulary KL the
     miniature trains with (the teacher's no-grad pass and the student's) and, with -m slow, the sampled loss."""
     res = subprocess.run([sys.executable, "tests/bench_loss_head.py", "--prompt-tokens", "1024", "--completion", "32",
                           "--loss", loss, "--workdir", str(tmp_path)], cwd=ROOT, capture_output=True, text=True,

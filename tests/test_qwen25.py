@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import data
-import eval as ev
+import rollout
 import toy
 from test_opd import _run
 
@@ -52,10 +52,10 @@ def qwen25(tiny, tmp_path_factory):
 
 
 def test_time_comes_from_the_sampled_fps(qwen25):
-    model, processor = ev.load_model(qwen25["student"])
+    model, processor = rollout.load_model(qwen25["student"])
     assert type(model).__name__ == "Qwen2_5_VLForConditionalGeneration"
     samples = data.load_annotations(qwen25["test"])[:2]
-    videos, _ = ev.load_videos(samples)
+    videos, _ = data.load_videos(samples)
     batch = data.encode(processor, samples, videos)
     # 2 fps sampled, frames merged in pairs: each temporal patch spans 1 second
     assert torch.allclose(torch.as_tensor(batch["second_per_grid_ts"]).float(), torch.ones(2))
@@ -63,7 +63,7 @@ def test_time_comes_from_the_sampled_fps(qwen25):
     # expanded rollouts keep each prompt's video and its time scale
     with torch.no_grad():
         base = model(**batch).logits
-        big = model(**ev.expand(batch, 2)).logits
+        big = model(**rollout.expand(batch, 2)).logits
     assert torch.allclose(big[0], base[0], atol=1e-5) and torch.allclose(big[3], base[1], atol=1e-5)
 
 

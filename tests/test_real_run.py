@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import data
-import eval as ev
+import rollout
 import grpo
 import opd
 from test_opd import _run, _weights
@@ -57,8 +57,8 @@ def padded_batch(tiny):
     """8 test prompts, half with a longer query, so the batch is left-padded."""
     samples = data.load_annotations(tiny["test"])[:8]
     samples = [dataclasses.replace(s, query=s.query + " on the screen") if i % 2 else s for i, s in enumerate(samples)]
-    model, processor = ev.load_model(tiny["student"])
-    batch = data.encode(processor, samples, ev.load_videos(samples)[0])
+    model, processor = rollout.load_model(tiny["student"])
+    batch = data.encode(processor, samples, data.load_videos(samples)[0])
     assert (batch["attention_mask"] == 0).any(), "the test needs a padded batch"
     return batch
 
@@ -68,11 +68,11 @@ def test_checkpoint_generation_config_does_not_change_sampling(tiny, junk_studen
     """Before the fix: the junk config's repetition penalty / top-k / top-p applied while sampling (rollout IoU 0)."""
     outs = []
     for path in (tiny["student"], junk_student):
-        model, processor = ev.load_model(path)
+        model, processor = rollout.load_model(path)
         torch.manual_seed(0)
-        outs.append(ev.generate(model, processor, padded_batch, 24, temperature))
+        outs.append(rollout.generate(model, processor, padded_batch, 24, temperature))
     assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
-    assert ev.load_model(junk_student)[0].generation_config.repetition_penalty == 1.8  # the checkpoint is untouched
+    assert rollout.load_model(junk_student)[0].generation_config.repetition_penalty == 1.8  # the checkpoint is untouched
 
 
 @pytest.mark.parametrize("student", ["plain", "junk config", "gradient checkpointing, train mode"])
@@ -81,7 +81,7 @@ def test_sampling_distribution_is_the_scored_one_at_every_position(tiny, junk_st
                                                                    temperature, monkeypatch):
     """The distribution generate samples from at temperature T (T != 1) == softmax(completion_logits at T), at
     every real completion position of every row of a left-padded batch; vision tokens have probability 0 in both."""
-    model, processor = ev.load_model(junk_student if student == "junk config" else tiny["student"])
+    model, processor = rollout.load_model(junk_student if student == "junk config" else tiny["student"])
     if student.startswith("gradient"):
         model.gradient_checkpointing_enable()
         model.train()
@@ -92,12 +92,12 @@ def test_sampling_distribution_is_the_scored_one_at_every_position(tiny, junk_st
         seen["scores"] = out.scores
         return out.sequences
     monkeypatch.setattr(model, "generate", recording)
-    forbidden = ev.forbidden_ids(processor)
+    forbidden = rollout.forbidden_ids(processor)
     torch.manual_seed(0)
-    ids, mask = ev.generate(model, processor, padded_batch, 24, temperature)
+    ids, mask = rollout.generate(model, processor, padded_batch, 24, temperature)
     sampled = torch.log_softmax(torch.stack(seen["scores"], 1).float(), -1)  # [B, T, V]
     with torch.no_grad():
-        logits = ev.completion_logits(model, ev.append_completion(padded_batch, ids, mask), ids.shape[1],
+        logits = rollout.completion_logits(model, rollout.append_completion(padded_batch, ids, mask), ids.shape[1],
                                       temperature, forbidden)
     scored = torch.log_softmax(logits, -1)
     real = mask.bool()
@@ -119,11 +119,11 @@ def test_bf16_loss_is_close_to_fp32(student_and_rollouts):
     losses = {}
     for bf16 in (False, True):
         with torch.no_grad(), torch.autocast("cpu", torch.bfloat16, enabled=bf16):
-            s = ev.completion_logits(model, seq, ids.shape[1], 1.0, forbidden)
-            t = ev.completion_logits(teacher, seq, ids.shape[1], 1.0, forbidden)
-        logp = ev.token_logp(s, ids)
+            s = rollout.completion_logits(model, seq, ids.shape[1], 1.0, forbidden)
+            t = rollout.completion_logits(teacher, seq, ids.shape[1], 1.0, forbidden)
+        logp = rollout.token_logp(s, ids)
         losses[bf16] = (opd.fullkl_loss(s, t, mask).item(),
-                        opd.opd_loss(logp, logp, ev.token_logp(t, ids), mask).item())
+                        opd.opd_loss(logp, logp, rollout.token_logp(t, ids), mask).item())
     assert s.dtype == torch.bfloat16  # autocast did run the model in bf16
     for fp32, bf16 in zip(losses[False], losses[True]):
         assert bf16 == pytest.approx(fp32, rel=0.03)
@@ -132,11 +132,11 @@ def test_bf16_loss_is_close_to_fp32(student_and_rollouts):
 
 @pytest.fixture(scope="module")
 def student_and_rollouts(tiny, padded_batch):
-    model, processor = ev.load_model(tiny["student"])
-    teacher, _ = ev.load_model(tiny["teacher"])
+    model, processor = rollout.load_model(tiny["student"])
+    teacher, _ = rollout.load_model(tiny["teacher"])
     torch.manual_seed(0)
-    ids, mask = ev.generate(model, processor, padded_batch, 24, 1.0)
-    return model, teacher, ev.append_completion(padded_batch, ids, mask), ids, mask, ev.forbidden_ids(processor)
+    ids, mask = rollout.generate(model, processor, padded_batch, 24, 1.0)
+    return model, teacher, rollout.append_completion(padded_batch, ids, mask), ids, mask, rollout.forbidden_ids(processor)
 
 
 @pytest.mark.parametrize("script", ["opd.py", "grpo.py"])
@@ -158,14 +158,14 @@ def test_bf16_and_gradient_checkpointing_run_the_readme_command(tiny, tmp_path, 
 def _train_one_step(tiny, tmp_path, micro_batch, score, loss_fn, monkeypatch, group=1, token_mean=False):
     """One opd.train step (SGD) on 6 prompts with fixed completions: greedy (batch-independent), each cut to a length
     set by its own prompt, so only the micro-batching differs between calls. -> (log record, final weights)."""
-    real_generate = ev.generate
+    real_generate = rollout.generate
 
     def fixed(model, processor, batch, max_new_tokens, temperature=None):
         ids, mask = real_generate(model, processor, batch, max_new_tokens)
         keep = 2 + (batch["input_ids"] * batch["attention_mask"]).sum(1) % 5  # 2-6 tokens, set by the prompt
         return ids, mask * (torch.arange(ids.shape[1]) < keep[:, None])
-    monkeypatch.setattr(ev, "generate", fixed)
-    student, processor = ev.load_model(tiny["student"])
+    monkeypatch.setattr(rollout, "generate", fixed)
+    student, processor = rollout.load_model(tiny["student"])
     student.train()
     args = opd.Args(student=tiny["student"], data=tiny["train"], out=str(tmp_path / f"mb{micro_batch}"), steps=1,
                     prompts_per_step=6, micro_batch=micro_batch, lr=1e-3, max_new_tokens=8, num_workers=0)
@@ -188,8 +188,8 @@ def test_uneven_micro_batches_give_the_gradient_of_one_batch(tiny, teacher, tmp_
     """6 prompts as 4 + 2 == as one batch of 6 (OPD's loss is a mean over sequences). Before the fix the 2 counted
     twice: the loss was (L_4 + L_2) / 2 instead of (4 L_4 + 2 L_2) / 6."""
     t_model, processor = teacher
-    forbidden = ev.forbidden_ids(processor)
-    score = lambda seq, ids, mask, *_: {"teacher_logits": ev.completion_logits(t_model, seq, ids.shape[1], 1.0,
+    forbidden = rollout.forbidden_ids(processor)
+    score = lambda seq, ids, mask, *_: {"teacher_logits": rollout.completion_logits(t_model, seq, ids.shape[1], 1.0,
                                                                                  forbidden)}
     loss_fn = lambda logits, ids, mask, old_logp, scored: opd.fullkl_loss(logits, scored["teacher_logits"], mask)
     one = _train_one_step(tiny, tmp_path, 6, score, loss_fn, monkeypatch)
@@ -202,7 +202,7 @@ def test_grpo_token_mean_is_over_the_whole_step(tiny, tmp_path, monkeypatch):
     rollouts), give the step of one batch. Before the fix each micro-batch took its own token mean."""
     score = lambda seq, ids, mask, ious, chunk, videos: {  # a fixed advantage per prompt, the same for its 2 rollouts
         "advantages": torch.tensor([s.span[0] - 2.5 for s in chunk for _ in range(2)])}
-    loss_fn = lambda logits, ids, mask, old_logp, scored: grpo.grpo_loss(ev.token_logp(logits, ids), old_logp,
+    loss_fn = lambda logits, ids, mask, old_logp, scored: grpo.grpo_loss(rollout.token_logp(logits, ids), old_logp,
                                                                          scored["advantages"], mask)
     one = _train_one_step(tiny, tmp_path, 6, score, loss_fn, monkeypatch, group=2, token_mean=True)
     _assert_same_step(one, _train_one_step(tiny, tmp_path, 4, score, loss_fn, monkeypatch, group=2,

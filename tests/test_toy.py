@@ -6,6 +6,7 @@ import pytest
 
 import data
 import eval as ev
+import rollout
 import toy
 
 
@@ -13,7 +14,7 @@ def test_reduced_build_gives_loadable_models_and_parseable_answers(tiny):
     report = json.load(open(tiny["metrics"]))
     assert {"teacher", "student", "build_seconds"} <= set(report)
     assert report["teacher"]["params"] > report["student"]["params"]  # a larger teacher, a smaller student
-    model, processor = ev.load_model(tiny["teacher"])
+    model, processor = rollout.load_model(tiny["teacher"])
     assert model.config.model_type == "qwen3_vl" and processor.__class__.__name__ == "Qwen3VLProcessor"
     samples = data.load_annotations(tiny["test"])
     assert all(s.duration == 8.0 and 0 <= s.span[0] < s.span[1] <= 8 for s in samples)
@@ -57,7 +58,7 @@ def test_shipped_models_give_their_metrics(shipped, name):
     """Each shipped model, loaded the way real checkpoints are, gives metrics.json's greedy test numbers. Within
     1 point of mIoU (one of 128 answers flipping), not exactly: another CPU sums floats in another order."""
     report = json.load(open(shipped["metrics"]))[name]
-    model, processor = ev.load_model(shipped[name])
+    model, processor = rollout.load_model(shipped[name])
     samples = data.load_annotations(shipped["test"])
     got = toy.toy_metrics(model, processor, samples, [data.load_video(s.video) for s in samples])
     assert got["parseable"] == report["parseable"]

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import data
-import eval as ev
+import rollout
 import va_opd
 from test_opd import _run, _weights
 
@@ -42,9 +42,9 @@ def test_degraded_video_keeps_token_layout_and_changes_teacher(teacher, tiny_tes
     answers = [data.ANSWER.format(start=s.span[0], end=s.span[1]) for s in samples]
     tokens = processor.tokenizer(answers, return_tensors="pt", padding=True, padding_side="right")  # completions
     ids, mask = tokens.input_ids, tokens.attention_mask
-    forbidden = ev.forbidden_ids(processor)
+    forbidden = rollout.forbidden_ids(processor)
     with torch.no_grad():
-        a, b = (ev.token_logp(ev.completion_logits(model, ev.append_completion(p, ids, mask), ids.shape[1], 1.0,
+        a, b = (rollout.token_logp(rollout.completion_logits(model, rollout.append_completion(p, ids, mask), ids.shape[1], 1.0,
                                                      forbidden), ids) for p in (clean, low))
     # a time is its digits and points and the " seconds" that ends it: whether "8.0" ends there or goes on is
     # the time's own question (measured: 5.5e-4 on " seconds" after "8.0", the clip's last second)

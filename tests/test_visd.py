@@ -7,6 +7,7 @@ import torch
 
 import data
 import grpo
+import rollout
 import visd
 from test_opd import _run, _weights
 
@@ -94,7 +95,7 @@ def test_feedback_reaches_each_rollouts_own_prompt(tiny_processor, tiny_test):
     ids = torch.tensor([[5, 6, 7], [8, 9, 0], [5, 5, 5], [6, 6, 6]])
     mask = torch.tensor([[1, 1, 1], [1, 1, 0], [1, 1, 1], [1, 1, 1]])
     notes = ["Judge: start correct.", "Judge: IoU 0.00.", "Judge: end correct.", "Judge: IoU 1.00."]
-    seq = visd.ev.reprompt(tiny_processor, samples[:2], videos[:2], ids, mask, feedback=notes)
+    seq = rollout.reprompt(tiny_processor, samples[:2], videos[:2], ids, mask, feedback=notes)
     texts = tiny_processor.tokenizer.batch_decode(seq["input_ids"][:, :-3])
     assert all(n in t for n, t in zip(notes, texts)) and samples[1].query in texts[3]
     assert torch.equal(seq["input_ids"][:, -3:], ids) and torch.equal(seq["attention_mask"][:, -3:], mask)
