@@ -130,7 +130,7 @@ def start_run(args, models=("student", "teacher")):
     return args
 
 
-# ----------------------------------------------------------------------------- the run folder during training (opd.train)
+# ----------------------------------------------------------------------------- the run folder while opd.train runs
 def open_run(args, student, opt, sched):
     """The run folder at the start of train -> (first step, training wall-clock so far, log.jsonl open for writing,
     the log records kept). On --resume: the optimizer, scheduler and RNG from the checkpoint, and the log up to it
@@ -176,7 +176,8 @@ def stop_on_signal():
     """Inside: Ctrl-C or SIGTERM asks the loop to stop after this step (the yielded list gets the signal), a second
     Ctrl-C stops at once. The previous handlers come back on the way out, also when a step raises."""
     stop = []
-    previous = {sig: signal.signal(sig, functools.partial(_interrupt, stop)) for sig in (signal.SIGINT, signal.SIGTERM)}
+    handler = functools.partial(_interrupt, stop)
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield stop
     finally:

@@ -47,9 +47,9 @@ from transformers import AutoProcessor, BatchFeature
 import cli
 import data
 import eval as ev
-import rollout
 import fsdp
 import opd
+import rollout
 import toy
 import tvdf
 
@@ -68,8 +68,7 @@ class DPOArgs(opd.Args):
 
 
 # The same miniature budget as opd.MINIATURE (200 steps of 16 prompts, one pair each; eval every 25 steps, so
-# every 50-step stage ends on an evaluation). lr: the best of three tried on seed 0 (final mIoU from 68.6):
-# 1e-3 (opd's) collapsed to ~0 by the r 8 stage, 1e-4 ended at 49.3, 1e-5 at 64.5.
+# every 50-step stage ends on an evaluation). lr: the best of 1e-3 / 1e-4 / 1e-5 on seed 0 (README, "TEMPO").
 # min_changes 2: a miniature clip has at most two scene changes (its shape appears, its shape goes).
 MINIATURE = opd.MINIATURE | dict(lr=1e-5, min_changes=2)
 BOUNDS = opd.BOUNDS | dict(beta=(0, False), min_changes=(0, True))
@@ -237,7 +236,8 @@ def halfway_student(args):
     _, _, state = toy.sft(model, processor, *fit, cfg.student_steps, cfg, "SFT student, first half",
                           until=report["student_sft_steps"] // 2, feedback_share=cfg.feedback_share)
     args.student = f"{args.out}/halfway"
-    model.save_pretrained(args.student), processor.save_pretrained(args.student)
+    model.save_pretrained(args.student)
+    processor.save_pretrained(args.student)
     return model, fit, cfg, report, state
 
 

@@ -102,7 +102,8 @@ def predict(model, processor, samples, batch_size=8, max_new_tokens=32, skip_bad
             else ((), ())
         if not chunk:
             continue
-        ids, mask = rollout.generate(model, processor, data.encode(processor, chunk, videos), max_new_tokens, temperature)
+        batch = data.encode(processor, chunk, videos)
+        ids, mask = rollout.generate(model, processor, batch, max_new_tokens, temperature)
         for s, answer in zip(chunk, rollout.decode(processor, ids, mask)):
             pred = data.parse_span(answer)
             rows.append({"id": s.id, "query": s.query, "gt": list(s.span), "answer": answer,
@@ -119,7 +120,8 @@ def evaluate(model, processor, samples, **kw):
 
 
 # ----------------------------------------------------------------------------- CLI
-def main():
+def parse_args():
+    """eval.py's command line -> args, its numbers checked and the shipped miniature filled in where none named."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.error = data.refuse
     p.add_argument("--model", help="hub id or local folder (default: the miniature teacher)")
@@ -141,8 +143,7 @@ def main():
                    "mIoU (mean over its seeds CONFIG-sN), and compare.json gets each configuration's time ratio")
     args = p.parse_args()
     if args.compare:
-        os.makedirs(os.path.dirname(os.path.abspath(args.compare_out)), exist_ok=True)
-        return report.compare(args.compare, args.compare_out, args.target, args.baseline)
+        return args
     for flag in ("batch_size", "max_new_tokens", "max_frames"):
         if getattr(args, flag) < 1:
             raise data.DataError(f"--{flag.replace('_', '-')} must be >= 1 (got {getattr(args, flag)})")
@@ -151,6 +152,31 @@ def main():
     if not args.model or not args.data:  # the shipped miniature's (toy.py imports this file, so not toy.MINIATURE)
         mini = os.path.join(os.path.dirname(os.path.abspath(__file__)), "miniature")
         args.model, args.data = args.model or f"{mini}/teacher", args.data or f"{mini}/test.jsonl"
+    return args
+
+
+def resumed(out, setup, total):
+    """The prediction rows an unfinished run in `out` holds ([] if none); a DataError if another setup made them."""
+    preds = os.path.join(out, "preds.jsonl")
+    if not os.path.exists(preds):
+        return []
+    saved = os.path.join(out, "setup.json")
+    before = json.load(open(saved)) if os.path.exists(saved) else {}
+    if before != setup:
+        diff = ", ".join(f"{k} {before.get(k)!r} -> {v!r}" for k, v in setup.items() if before.get(k) != v)
+        raise data.DataError(f"{out} holds predictions made with other settings ({diff}): --overwrite starts "
+                             "afresh, or choose another --out")
+    with open(preds) as f:
+        done = [json.loads(line) for line in f if line.strip()]
+    print(f"resuming: {len(done)} of {total} queries already in {preds}")
+    return done
+
+
+def main():
+    args = parse_args()
+    if args.compare:
+        os.makedirs(os.path.dirname(os.path.abspath(args.compare_out)), exist_ok=True)
+        return report.compare(args.compare, args.compare_out, args.target, args.baseline)
     samples = data.load_samples(args.data, args.video_root, args.skip_bad)
     # the predictions belong to what produced them: resuming with another model, data or decoding never mixes
     setup = {"model": os.path.abspath(args.model) if os.path.isdir(args.model) else args.model,
@@ -159,17 +185,7 @@ def main():
     name = lambda path: os.path.splitext(os.path.basename(path.rstrip("/")))[0]
     out = args.out or os.path.join("runs", "eval", f"{name(args.model)}-{name(args.data)}")
     preds = os.path.join(out, "preds.jsonl")
-    done = []
-    if os.path.exists(preds) and not args.overwrite:
-        saved = os.path.join(out, "setup.json")
-        before = json.load(open(saved)) if os.path.exists(saved) else {}
-        if before != setup:
-            diff = ", ".join(f"{k} {before.get(k)!r} -> {v!r}" for k, v in setup.items() if before.get(k) != v)
-            raise data.DataError(f"{out} holds predictions made with other settings ({diff}): --overwrite starts "
-                                 "afresh, or choose another --out")
-        with open(preds) as f:
-            done = [json.loads(line) for line in f if line.strip()]
-        print(f"resuming: {len(done)} of {len(samples)} queries already in {preds}")
+    done = [] if args.overwrite else resumed(out, setup, len(samples))
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "setup.json"), "w") as f:
         json.dump(setup, f, indent=1)

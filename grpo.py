@@ -5,7 +5,7 @@
 
 A group of G = 8 completions per prompt; reward = IoU of the first parsed span with the ground truth (0 when
 unparsable or inverted; no format reward); advantage = reward - group mean (Eq. of GRPO, no std scaling by
-default); clipped surrogate; no KL by default. The rollout/scoring machinery and the loop are opd.py's:
+default); clipped surrogate; no KL by default. Sampling and scoring are rollout.py's, the loop is opd.py's:
 next to opd.py, only `score` (group-normalised IoU instead of the teacher's log-ratio) and the loss differ.
 """
 from dataclasses import dataclass
@@ -14,9 +14,9 @@ import torch
 
 import cli
 import data
-import rollout
 import fsdp
 import opd
+import rollout
 
 
 @dataclass
@@ -32,9 +32,7 @@ class GRPOArgs(opd.Args):
 
 
 # OPD's rollouts per step (2 prompts x 8 = 16), and GRPO's own lr and budget, tuned on the validation clips like
-# every method (README, "The lr grid"; start 72.5): lr 1e-4 of 1e-4 / 3e-4 / 1e-3 (best validation mIoU after step 0
-# in 1,000 steps: 94.7 / 93.2 / 31.1, the last collapsing to 0); 1,500 steps, GRPO's plateau: at 1e-4, continued to
-# 2,000 steps, its best (97.3) was first reached at step 1,400 and never passed.
+# every method: lr 1e-4 of 1e-4 / 3e-4 / 1e-3, and 1,500 steps, past GRPO's plateau (README, "The lr grid").
 MINIATURE = opd.MINIATURE | dict(prompts_per_step=2, micro_batch=2, lr=1e-4, steps=1500, eval_every=50)
 BOUNDS = opd.BOUNDS | dict(group_size=(1, True), ppo_epochs=(1, True), clip_eps=(0, False), beta=(0, True))
 

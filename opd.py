@@ -9,8 +9,10 @@ policy gradient of the reverse KL(student || teacher) (Eq. 6): no clipping, no r
 
 This file holds the OPD losses, the teacher's `score`, and the training loop that every other method reuses
 (grpo.py, tvdf.py, dpo.py, va_opd.py, visd.py differ only in `score` / `loss`, i.e. in where the per-token
-advantage comes from). Rollouts and their log-probs are in eval.py, beside the metrics; the command line and run
-folder in cli.py; the torchrun + FSDP2 helpers in fsdp.py.
+advantage comes from). Sampling and the log-probs of the sampled tokens are in rollout.py, the metrics in eval.py,
+the command line and the run folder (resume, log.jsonl, checkpoints, Ctrl-C) in cli.py, torchrun + FSDP2 in fsdp.py.
+Marks for a fork: ALGO LOGIC (the losses, `distillation`, `collect`, `update`) is the method; TRY NOT TO MODIFY
+is plumbing.
 """
 import functools
 import json
@@ -25,8 +27,8 @@ from tqdm import tqdm
 import cli
 import data
 import eval as ev
-import rollout
 import fsdp
+import rollout
 
 
 @dataclass
@@ -69,12 +71,11 @@ class Args:
     seed: int = 0                   # seeds prompt order, sampling and init
 
 
-# The miniature's own settings, used unless a model or data outside runs/toy is named (cli.of_miniature). Tiny
-# random-init models need a far larger learning rate than 1e-6, and on a ~400-token vocabulary the exact KL is
-# cheap and gives the direction to the right digit instead of only "not this digit". lr tuned on the validation
-# clips (README, "The lr grid"; best after step 0, start 72.5): fullkl 3e-4 of 3e-4 / 1e-3 / 3e-3 (100.0 / 99.2 /
-# 95.7); the sampled estimator's best is 1e-3 (89.0 in 200 steps; 83.7 at 3e-4, 3e-3 collapses to 0), and it needs
-# more steps (continued to 800: 99.2 first at step 350, never passed): pass --loss sampled --lr 1e-3 --steps 400.
+# The miniature's own settings, used unless a model or data outside the miniature is named (cli.of_miniature).
+# Tiny random-init models need a far larger learning rate than 1e-6, and on a ~400-token vocabulary the exact KL is
+# cheap and gives the direction to the right digit instead of only "not this digit". lr: fullkl 3e-4 of 3e-4 /
+# 1e-3 / 3e-3 on the validation clips (README, "The lr grid"); the sampled estimator's best is 1e-3, and it needs
+# more steps: pass --loss sampled --lr 1e-3 --steps 400.
 MINIATURE = dict(steps=200, prompts_per_step=16, micro_batch=16, lr=3e-4, warmup_steps=5, max_new_tokens=24,
                  loss="fullkl", eval_every=25, save_every=100)
 # The flags that take one of a few values (a typo must not fall back to a default), and the numeric flags' lower
@@ -89,6 +90,7 @@ BOUNDS = dict(steps=(1, True), prompts_per_step=(1, True), rollouts_per_prompt=(
 DISTILLATION_ONLY = ("teacher", "loss", "rollouts", "rollouts_per_prompt", "kl_chunk")
 
 # ----------------------------------------------------------------------------- the OPD losses
+# ALGO LOGIC
 def opd_loss(logp, old_logp, teacher_logp, mask):
     """Video-OPD's loss (Eq. 5-6). All [B, T] over completion tokens; mask 1 on real completion tokens.
 
@@ -107,8 +109,8 @@ def token_kl(logits, teacher_logits, chunk=16):
     logits, teacher_logits [B, T, V] (already / temperature, forbidden tokens -inf in both).
 
     Memory: one chunk of `chunk` positions at a time, in the backward pass too. Without the checkpoint around each
-    chunk, autograd would keep every chunk's fp32 log-softmaxes and products until backward (measured: ~4x
-    [B, T, V] fp32, whatever the chunk; tests/test_opd.py); with it, it keeps only the chunk's inputs (views of
+    chunk, autograd would keep every chunk's fp32 log-softmaxes and products until backward (about 4x
+    [B, T, V] fp32, whatever the chunk: tests/test_opd.py); with it, it keeps only the chunk's inputs (views of
     the logits, which exist anyway) and recomputes the chunk's softmaxes in backward.
     """
     return torch.cat([torch.utils.checkpoint.checkpoint(_chunk_kl, logits[:, t:t + chunk],
@@ -253,6 +255,12 @@ def step_record(step, wall, step_time, rollouts, loss, grad_norm, lr, timing):
     return record | {k: round(v, 4) for k, v in zip(names, means)}
 
 
+def load_test(args):
+    """The test samples of train's periodic evaluation (the first --eval-limit of them), or None."""
+    test = data.load_samples(args.eval_data, args.video_root, args.skip_bad) if args.eval_data else None
+    return test[:args.eval_limit] if test and args.eval_limit else test
+
+
 # ALGO LOGIC: the method's three steps. Sample (collect), score the same tokens (collect, through `score`), and
 # the update (through `loss_fn`): a new method changes `score` and `loss_fn`, not these.
 def collect(args, rollout_model, processor, prepared, score, group, step, autocast, timing):
@@ -305,7 +313,7 @@ def update(args, student, rollouts, loss_fn, opt, epochs, token_mean, forbidden,
 
 def train(args, student, processor, score, loss_fn, rollout_model=None, group=1, epochs=1, pool=None,
           after_step=None, token_mean=False, optimizer=None):
-    """Rollouts -> score -> update, `args.steps` times. Shared by every method (opd, grpo, tvdf, dpo, va_opd, visd).
+    """Rollouts -> score -> update, `args.steps` times -> the evaluation records. Every method's loop.
 
     score(seq, ids, mask, ious, chunk, videos) -> dict (no grad; e.g. the teacher's log-probs, or GRPO's
         advantages). seq: prompt + completion [B*group, L+T]; ids, mask [B*group, T]; ious: each rollout's
@@ -313,13 +321,12 @@ def train(args, student, processor, score, loss_fn, rollout_model=None, group=1,
         the micro-batch's B samples and decoded videos, for variants that re-encode the prompt (VA-OPD, VISD).
         An optional "stats" entry {name: float} is averaged over the step's micro-batches into the log.
     loss_fn(logits, ids, mask, old_logp, scored) -> scalar loss for one micro-batch
-    rollout_model: who samples the completions (default: the student, on-policy); group: completions per prompt;
-    epochs: update passes over each batch of rollouts (1 for OPD: then old_logp = logp's value, Eq. 6's ratio is 1);
-    after_step(): called after each step's updates (VISD's EMA teacher follows the student there).
+    rollout_model: who samples (default: the student, on-policy); group: completions per prompt; epochs: update passes
+    over each step's rollouts (1 for OPD: old_logp = logp's value, Eq. 6's ratio is 1); after_step(): called after
+    each step's updates (VISD's EMA teacher follows the student there).
     token_mean: loss_fn averages over tokens (GRPO), not over sequences (OPD, DPO): how micro-batches are weighted,
         so that the step's loss is one mean over the whole step, whatever the micro-batch sizes.
     optimizer: (opt, sched) from make_optimizer, carried over from an earlier stage of a curriculum (default: new).
-    Returns the list of evaluation records.
     """
     rollout_model = rollout_model or student
     if args.prompts_per_step % fsdp.world():  # every rank must run the same number of micro-batches (FSDP)
@@ -338,6 +345,7 @@ def train(args, student, processor, score, loss_fn, rollout_model=None, group=1,
     with cli.stop_on_signal() as stop:
         for step in bar:
             t0, timing = time.time(), dict(generate=0.0, student=0.0, teacher=0.0)
+            # ALGO LOGIC: sample and score (collect), then the loss and the optimizer step (update)
             rollouts = collect(args, rollout_model, processor, next(upcoming), score, group, step, autocast, timing)
             tic = time.time()
             loss, grad_norm = update(args, student, rollouts, loss_fn, opt, epochs, token_mean, forbidden, autocast)
@@ -345,6 +353,7 @@ def train(args, student, processor, score, loss_fn, rollout_model=None, group=1,
             if after_step:
                 after_step()
             timing["student"] = time.time() - tic
+            # TRY NOT TO MODIFY: the step's record, evaluation, checkpoint, a requested stop
             step_time = time.time() - t0
             wall += step_time
             record = step_record(step + 1, wall, step_time, rollouts, loss, grad_norm, sched.get_last_lr()[0], timing)
@@ -362,12 +371,6 @@ def train(args, student, processor, score, loss_fn, rollout_model=None, group=1,
         evals.append(evaluate_at(args.steps, wall))
     log.close()
     return evals
-
-
-def load_test(args):
-    """The test samples of train's periodic evaluation (the first --eval-limit of them), or None."""
-    test = data.load_samples(args.eval_data, args.video_root, args.skip_bad) if args.eval_data else None
-    return test[:args.eval_limit] if test and args.eval_limit else test
 
 
 def make_optimizer(args, student):

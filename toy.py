@@ -8,7 +8,7 @@ stops in build are what a build fixes, not the models). A build makes:
      SFT's stop and every tuning); train_noisy.jsonl with a share of wrong spans, listed in noisy.json (TVDF's TRPV);
   2. an offline byte-level BPE tokenizer with the Qwen3-VL special tokens and chat template (digits one per token);
   3. a smaller student and a larger teacher, tiny Qwen3VLForConditionalGeneration models (random init), each saved
-     beside a real Qwen3VLProcessor, so rollout.load_model("miniature/teacher") is the path of "Qwen/Qwen3-VL-8B-Instruct";
+     beside a real Qwen3VLProcessor, so rollout.load_model("miniature/teacher") takes the path of a hub checkpoint;
   4. SFT so that the student already grounds, less precisely than the teacher (as in the paper), and an earlier
      checkpoint of the teacher as a weaker teacher (teacher_weak). Test metrics: metrics.json.
 """
@@ -67,8 +67,7 @@ class ToyConfig:
     batch: int = 16
     lr: float = 1.5e-3        # between an unstable 3e-3 and a slower 1e-3
     vision_lr_mult: float = 10.0  # the vision tower's lr multiplier (see sft)
-    # the share of the student's SFT prompts with a judge's feedback on a wrong answer, for VISD's EMA teacher to read
-    # (off: README, "Feedback-reading student")
+    # share of SFT prompts with a judge's feedback on a wrong answer, for VISD (off: README, "Feedback-reading student")
     feedback_share: float = 0.0
     seed: int = 0
 

@@ -31,9 +31,9 @@ import torch
 import cli
 import data
 import eval as ev
-import rollout
 import fsdp
 import opd
+import rollout
 
 
 @dataclass

@@ -27,9 +27,9 @@ import torch
 
 import cli
 import data
-import rollout
 import fsdp
 import opd
+import rollout
 
 
 @dataclass

@@ -30,10 +30,10 @@ import torch
 import cli
 import data
 import eval as ev
-import rollout
 import fsdp
 import grpo
 import opd
+import rollout
 
 
 @dataclass
@@ -109,8 +109,8 @@ def main():
         rollouts = [s for s in chunk for _ in range(args.group_size)]
         verdicts = [ev.judge(a, s) for a, s in zip(rollout.decode(processor, ids, mask), rollouts)]
         t_seq = rollout.reprompt(processor, chunk, videos, ids, mask, feedback=[v["feedback"] for v in verdicts])
-        out["teacher_logp"] = rollout.token_logp(rollout.completion_logits(teacher, t_seq, ids.shape[1], args.temperature,
-                                                                 forbidden), ids)
+        t_logits = rollout.completion_logits(teacher, t_seq, ids.shape[1], args.temperature, forbidden)
+        out["teacher_logp"] = rollout.token_logp(t_logits, ids)
         out["stats"] = {"lambda": out["lambda"], "judged_consistent": sum(v["consistent"] for v in verdicts) /
                         len(verdicts)}
         return out

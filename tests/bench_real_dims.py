@@ -104,7 +104,8 @@ def make_data(folder):
 
 def child(script, argv, out_json):
     """Run `script argv` in this process, sampling resident memory per phase (the phase = the last of opd's
-    functions entered: generate, teacher scoring = rollout.completion_logits without grad, student = with grad + backward)."""
+    functions entered: generate, teacher scoring = rollout.completion_logits without grad, student = with grad +
+    backward)."""
     import importlib
     import torch
     import rollout

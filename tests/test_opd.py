@@ -1,6 +1,7 @@
 """opd.py: Eq. 5-6, the full-vocabulary KL, the rollout/scoring machinery, a smoke run and resume."""
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -11,8 +12,8 @@ import torch
 from safetensors.torch import load_file
 
 import data
-import rollout
 import opd
+import rollout
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -231,3 +232,18 @@ def test_loss_head_memory_completion_only_vs_full_logits(tmp_path, loss, copies)
     # Completion-only: 33 rows per copy
     one_copy = out["sequence_tokens"] * out["vocab"] * 4 / 2 ** 20
     assert out["full"] > copies * one_copy and out["ratio"] > 5, (out, one_copy)
+
+
+def test_signal_handlers_come_back_when_a_step_raises(tiny, tmp_path):
+    """train installs its Ctrl-C / SIGTERM handlers for the loop only: an exception inside a step (here the loss)
+    leaves the caller's handlers in place, not train's "stop after this step" one."""
+    student, processor = rollout.load_model(tiny["student"])
+    args = opd.Args(student=tiny["student"], data=tiny["train"], out=str(tmp_path / "run"), steps=2,
+                    prompts_per_step=2, micro_batch=2, max_new_tokens=4, num_workers=0)
+
+    def broken_loss(*_):
+        raise RuntimeError("a bug in a loss")
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    with pytest.raises(RuntimeError, match="a bug in a loss"):
+        opd.train(args, student, processor, lambda *_: {}, broken_loss)
+    assert {sig: signal.getsignal(sig) for sig in before} == before

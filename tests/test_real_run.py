@@ -8,9 +8,9 @@ import pytest
 import torch
 
 import data
-import rollout
 import grpo
 import opd
+import rollout
 from test_opd import _run, _weights
 
 JUNK = {"do_sample": True, "repetition_penalty": 1.8, "no_repeat_ngram_size": 2, "top_k": 3, "top_p": 0.5,
@@ -72,7 +72,8 @@ def test_checkpoint_generation_config_does_not_change_sampling(tiny, junk_studen
         torch.manual_seed(0)
         outs.append(rollout.generate(model, processor, padded_batch, 24, temperature))
     assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
-    assert rollout.load_model(junk_student)[0].generation_config.repetition_penalty == 1.8  # the checkpoint is untouched
+    # the checkpoint is untouched
+    assert rollout.load_model(junk_student)[0].generation_config.repetition_penalty == 1.8
 
 
 @pytest.mark.parametrize("student", ["plain", "junk config", "gradient checkpointing, train mode"])
@@ -136,7 +137,8 @@ def student_and_rollouts(tiny, padded_batch):
     teacher, _ = rollout.load_model(tiny["teacher"])
     torch.manual_seed(0)
     ids, mask = rollout.generate(model, processor, padded_batch, 24, 1.0)
-    return model, teacher, rollout.append_completion(padded_batch, ids, mask), ids, mask, rollout.forbidden_ids(processor)
+    seq = rollout.append_completion(padded_batch, ids, mask)
+    return model, teacher, seq, ids, mask, rollout.forbidden_ids(processor)
 
 
 @pytest.mark.parametrize("script", ["opd.py", "grpo.py"])

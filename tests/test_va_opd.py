@@ -44,8 +44,9 @@ def test_degraded_video_keeps_token_layout_and_changes_teacher(teacher, tiny_tes
     ids, mask = tokens.input_ids, tokens.attention_mask
     forbidden = rollout.forbidden_ids(processor)
     with torch.no_grad():
-        a, b = (rollout.token_logp(rollout.completion_logits(model, rollout.append_completion(p, ids, mask), ids.shape[1], 1.0,
-                                                     forbidden), ids) for p in (clean, low))
+        seqs = [rollout.append_completion(p, ids, mask) for p in (clean, low)]
+        logits = [rollout.completion_logits(model, s, ids.shape[1], 1.0, forbidden) for s in seqs]
+        a, b = (rollout.token_logp(x, ids) for x in logits)
     # a time is its digits and points and the " seconds" that ends it: whether "8.0" ends there or goes on is
     # the time's own question (measured: 5.5e-4 on " seconds" after "8.0", the clip's last second)
     time = torch.tensor([[t == "Ġseconds" or (t.strip("Ġ") != "" and set(t.strip("Ġ")) <= set("0123456789."))

@@ -55,7 +55,8 @@ def test_ema_update_is_exact():
     student = torch.nn.Linear(3, 2)
     teacher = copy.deepcopy(student).requires_grad_(False)
     with torch.no_grad():
-        teacher.weight.fill_(0.5), teacher.bias.fill_(-1.0)
+        teacher.weight.fill_(0.5)
+        teacher.bias.fill_(-1.0)
     t0 = {k: v.clone() for k, v in teacher.state_dict().items()}
     visd.ema_update(teacher, student, 0.75)
     s = student.state_dict()
