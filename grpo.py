@@ -66,7 +66,7 @@ def make_score(args, ref, forbidden):
                                               args.scale_rewards)}
         if ref is not None:
             out["ref_logp"] = rollout.token_logp(rollout.completion_logits(ref, seq, ids.shape[1], args.temperature,
-                                                                 forbidden), ids)
+                                                                      forbidden), ids)
         return out
     return score
 

@@ -123,7 +123,7 @@ def main():
         t_logits = rollout.completion_logits(teacher, seq, ids.shape[1], args.temperature, forbidden, vocab)
         t_logp = rollout.token_logp(t_logits, ids)
         d_seq = rollout.reprompt(processor, chunk, [(degrade(frames, args.va_scale), meta) for frames, meta in videos],
-                            ids, mask)
+                                 ids, mask)
         if not torch.equal(d_seq["input_ids"], seq["input_ids"]):
             raise ValueError("the degraded video changed the prompt's token layout")
         d_logits = rollout.completion_logits(teacher, d_seq, ids.shape[1], args.temperature, forbidden, vocab)

@@ -130,7 +130,7 @@ def child(script, argv, out_json):
         return wrapper
     rollout.generate = labelled(rollout.generate, "generate")
     rollout.completion_logits = labelled(rollout.completion_logits,
-                                    lambda *a: "student fwd+bwd" if torch.is_grad_enabled() else "teacher fwd")
+                                         lambda *a: "student fwd+bwd" if torch.is_grad_enabled() else "teacher fwd")
     cli.save = labelled(cli.save, "save")
     sys.argv = [script, *argv]
     importlib.import_module(script[:-3]).main()  # the module, not a fresh __main__, so the wrappers above apply

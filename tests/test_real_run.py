@@ -99,7 +99,7 @@ def test_sampling_distribution_is_the_scored_one_at_every_position(tiny, junk_st
     sampled = torch.log_softmax(torch.stack(seen["scores"], 1).float(), -1)  # [B, T, V]
     with torch.no_grad():
         logits = rollout.completion_logits(model, rollout.append_completion(padded_batch, ids, mask), ids.shape[1],
-                                      temperature, forbidden)
+                                           temperature, forbidden)
     scored = torch.log_softmax(logits, -1)
     real = mask.bool()
     assert padded_batch["attention_mask"].sum(1).unique().numel() > 1  # prompts of different lengths
@@ -192,7 +192,7 @@ def test_uneven_micro_batches_give_the_gradient_of_one_batch(tiny, teacher, tmp_
     t_model, processor = teacher
     forbidden = rollout.forbidden_ids(processor)
     score = lambda seq, ids, mask, *_: {"teacher_logits": rollout.completion_logits(t_model, seq, ids.shape[1], 1.0,
-                                                                                 forbidden)}
+                                                                                    forbidden)}
     loss_fn = lambda logits, ids, mask, old_logp, scored: opd.fullkl_loss(logits, scored["teacher_logits"], mask)
     one = _train_one_step(tiny, tmp_path, 6, score, loss_fn, monkeypatch)
     _assert_same_step(one, _train_one_step(tiny, tmp_path, 4, score, loss_fn, monkeypatch))
