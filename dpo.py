@@ -207,7 +207,7 @@ def main():
         r_ids = scored["rejected_ids"]
         with autocast:
             r_logits = rollout.completion_logits(student, scored["rejected_seq"], r_ids.shape[1], args.temperature,
-                                                  forbidden)
+                                                 forbidden)
         return dpo_loss(sequence_logp(logits, ids, mask), sequence_logp(r_logits, r_ids, scored["rejected_mask"]),
                         scored["ref_c"], scored["ref_r"], args.beta, scored["keep"])
 

@@ -65,8 +65,8 @@ def make_score(args, ref, forbidden):
         out = {"advantages": group_advantages(torch.tensor(ious, device=ids.device), args.group_size,
                                               args.scale_rewards)}
         if ref is not None:
-            out["ref_logp"] = rollout.token_logp(rollout.completion_logits(ref, seq, ids.shape[1], args.temperature,
-                                                                      forbidden), ids)
+            ref_logits = rollout.completion_logits(ref, seq, ids.shape[1], args.temperature, forbidden)
+            out["ref_logp"] = rollout.token_logp(ref_logits, ids)
         return out
     return score
 
