@@ -61,6 +61,8 @@ class Args:
     bf16: bool = False              # bf16 autocast for forward passes (GPU users)
     fps: float = 2.0                # frames per second sampled from each video (paper: 2, Sec. 4.1)
     max_frames: int = 256           # frame cap per video (ours; paper: <= 768 frames, 8,192 video tokens)
+    share_vision: bool = True       # each video through each model's vision tower once per step, its rollouts and
+    #                                 the training forward sharing the output (ours; off: a copy per rollout)
     num_workers: int = 1            # DataLoader processes decoding the next steps' videos (0: in the main process)
     eval_every: int = 20            # greedy evaluation every N steps (0: only before and after)
     eval_limit: int = 0             # evaluate on the first N test queries only (0: all)
@@ -203,12 +205,15 @@ def plan(args, samples, step):
 
 
 def prepare(args, processor, group, micro_batches):
-    """plan's micro-batches -> [(mb, samples, videos, prompt)]: the videos decoded, the prompts encoded and
-    expanded to `group` rollouts each (CPU work, run in a DataLoader worker while the previous step trains)."""
+    """plan's micro-batches -> [(mb, samples, videos, prompt)]: the videos decoded, the prompts encoded, each
+    repeated for its `group` rollouts (rollout.share: its video once; CPU work, run in a DataLoader worker while
+    the previous step trains)."""
     out = []
     for mb, chunk in micro_batches:
         videos, _ = data.load_videos(chunk, fps=args.fps, max_frames=args.max_frames)
-        out.append((mb, chunk, videos, rollout.expand(data.encode(processor, chunk, videos), group)))
+        prompt = data.encode(processor, chunk, videos)
+        repeat = rollout.share if args.share_vision else rollout.expand
+        out.append((mb, chunk, videos, repeat(prompt, group)))
     return out
 
 
@@ -263,27 +268,34 @@ def load_test(args):
 
 # ALGO LOGIC: the method's three steps. Sample (collect), score the same tokens (collect, through `score`), and
 # the update (through `loss_fn`): a new method changes `score` and `loss_fn`, not these.
-def collect(args, rollout_model, processor, prepared, score, group, step, autocast, timing):
-    """One step's rollouts, micro-batch by micro-batch, without gradients -> [dict(seq, ids, mask, scored, ious)].
+def collect(args, student, rollout_model, processor, prepared, score, step, autocast, timing):
+    """One step's rollouts, micro-batch by micro-batch, without gradients -> [dict(seq, ids, mask, scored, ious,
+    features)].
 
     seq: prompt + completion [B*group, L+T]; ids, mask [B*group, T]; scored: what `score` returned; ious: each
-    completion's temporal IoU with its ground truth. timing: adds the seconds of generate and of scoring."""
+    completion's temporal IoU with its ground truth; features: the student's vision output for its training forward
+    (rollout.video_features: once per video, for generation and training; None: computed there). timing: adds the
+    seconds of generate and of scoring."""
     rollouts = []
     for mb, chunk, videos, prompt in prepared:
         prompt = prompt.to(rollout_model.device)
         tic = time.time()
         torch.manual_seed(args.seed * 1_000_003 + step * 1_009 + mb)  # sampling depends on the micro-batch only
         with autocast:
+            features = rollout.video_features(rollout_model, prompt) if "video_group" in prompt else None
             ids, mask = rollout.generate(rollout_model, processor, prompt, args.max_new_tokens,  # sample
-                                         args.temperature)
+                                         args.temperature, features)
         timing["generate"] += time.time() - tic
+        if rollout_model is not student or not rollout.vision_frozen(student):
+            features = None  # the student's own tower, in its training forward
         seq = rollout.append_completion(prompt, ids, mask)
+        group = ids.shape[0] // len(chunk)  # rollouts per prompt
         ious = ev.rollout_ious(processor, ids, mask, [s for s in chunk for _ in range(group)])
         tic = time.time()
         with torch.no_grad(), autocast:  # not inference_mode: scores enter the autograd graph as constants
             scored = score(seq, ids, mask, ious, chunk, videos)                                   # score
         timing["teacher"] += time.time() - tic
-        rollouts.append(dict(seq=seq, ids=ids, mask=mask, scored=scored, ious=ious))
+        rollouts.append(dict(seq=seq, ids=ids, mask=mask, scored=scored, ious=ious, features=features))
     return rollouts
 
 
@@ -299,7 +311,8 @@ def update(args, student, rollouts, loss_fn, opt, epochs, token_mean, forbidden,
         total = 0.0
         for r, unit in zip(rollouts, units):
             with autocast:
-                logits = rollout.completion_logits(student, r["seq"], r["ids"].shape[1], args.temperature, forbidden)
+                logits = rollout.completion_logits(student, r["seq"], r["ids"].shape[1], args.temperature, forbidden,
+                                                   features=r["features"])
             if "old_logp" not in r:  # first pass = before any update
                 r["old_logp"] = rollout.token_logp(logits, r["ids"]).detach()
             loss = loss_fn(logits, r["ids"], r["mask"], r["old_logp"], r["scored"]) * unit / per_rank  # the loss
@@ -317,9 +330,9 @@ def train(args, student, processor, score, loss_fn, rollout_model=None, group=1,
 
     score(seq, ids, mask, ious, chunk, videos) -> dict (no grad; e.g. the teacher's log-probs, or GRPO's
         advantages). seq: prompt + completion [B*group, L+T]; ids, mask [B*group, T]; ious: each rollout's
-        temporal IoU with its ground truth, decoded once here for the log and for GRPO's reward; chunk, videos:
-        the micro-batch's B samples and decoded videos, for variants that re-encode the prompt (VA-OPD, VISD).
-        An optional "stats" entry {name: float} is averaged over the step's micro-batches into the log.
+        temporal IoU with its ground truth (the log's, GRPO's reward); chunk, videos: the micro-batch's B samples
+        and decoded videos, for variants that re-encode the prompt (VA-OPD, VISD). An optional "stats" entry
+        {name: float} is averaged over the step's micro-batches into the log.
     loss_fn(logits, ids, mask, old_logp, scored) -> scalar loss for one micro-batch
     rollout_model: who samples (default: the student, on-policy); group: completions per prompt; epochs: update passes
     over each step's rollouts (1 for OPD: old_logp = logp's value, Eq. 6's ratio is 1); after_step(): called after
@@ -346,7 +359,7 @@ def train(args, student, processor, score, loss_fn, rollout_model=None, group=1,
         for step in bar:
             t0, timing = time.time(), dict(generate=0.0, student=0.0, teacher=0.0)
             # ALGO LOGIC: sample and score (collect), then the loss and the optimizer step (update)
-            rollouts = collect(args, rollout_model, processor, next(upcoming), score, group, step, autocast, timing)
+            rollouts = collect(args, student, rollout_model, processor, next(upcoming), score, step, autocast, timing)
             tic = time.time()
             loss, grad_norm = update(args, student, rollouts, loss_fn, opt, epochs, token_mean, forbidden, autocast)
             sched.step()

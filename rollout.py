@@ -50,11 +50,89 @@ def forbidden_ids(processor):
     return sorted({i for i in ids if i is not None and i != tok.unk_token_id})
 
 
+# ----------------------------------------------------------------------------- a prompt's rollouts and its video
+def expand(batch, n):
+    """Repeat each prompt n times, keeping each video's patches next to its own <|video_pad|> tokens.
+
+    batch: input_ids, attention_mask, mm_token_type_ids [B, L]; video_grid_thw [B, 3];
+    pixel_values_videos [sum_i t_i*h_i*w_i, D]. Returns the same keys with B*n rows, prompt i at rows i*n..i*n+n-1.
+    """
+    if n == 1:
+        return batch
+    out = {k: v.repeat_interleave(n, 0) for k, v in batch.items() if k != "pixel_values_videos"}
+    patches = batch["pixel_values_videos"].split(batch["video_grid_thw"].prod(-1).tolist())
+    out["pixel_values_videos"] = torch.cat([p for p in patches for _ in range(n)])
+    return BatchFeature(out)
+
+
+def share(batch, n):
+    """Like expand, but the n rollouts of a prompt share its video: the text is repeated (B*n rows), the video's
+    patches are not. Such a batch runs each vision tower once per video (forward_inputs), not n times.
+
+    batch: data.encode's [B, L]. Returns input_ids, attention_mask, mm_token_type_ids [B*n, L], video_grid_thw
+    [B*n, 3] (the positions of every row need it), pixel_values_videos of the B videos once, and video_group n.
+    """
+    out = {k: v.repeat_interleave(n, 0) for k, v in batch.items() if k != "pixel_values_videos"}
+    out["pixel_values_videos"] = batch["pixel_values_videos"]
+    out["video_group"] = n
+    return BatchFeature(out)
+
+
+def video_features(model, batch):
+    """The vision tower's output for each video of a `share` batch, computed once without a gradient and repeated
+    for each of its rollouts: transformers' own precomputed input (`mm_encoder_outputs`) in place of the pixels.
+
+    Returns the tower's output, pooler_output (and Qwen3-VL's deepstack_features) as tuples of B*n per-video tensors,
+    in expand's order. The numbers are the ones the forward computes from expand's copies (the same tower on the
+    same patches), so are the logits and, for a frozen tower, the gradients (tests/test_opd.py).
+    """
+    group = batch["video_group"]
+    if hasattr(model, "unshard"):  # FSDP2: as in generate, the tower runs outside the model's forward
+        model.unshard()
+    with torch.no_grad():
+        out = model.get_video_features(batch["pixel_values_videos"], batch["video_grid_thw"][::group],
+                                       return_dict=True)
+    if hasattr(model, "reshard"):
+        model.reshard()
+    copies = lambda per_video: tuple(v for v in per_video for _ in range(group))
+    out.pooler_output = copies(out.pooler_output)
+    if getattr(out, "deepstack_features", None) is not None:
+        out.deepstack_features = [copies(layer) for layer in out.deepstack_features]
+    out.last_hidden_state = None  # the forward reads only the above: free the tower's pre-merger states
+    return out
+
+
+def vision_frozen(model):
+    """Whether no weight of the model's vision tower trains."""
+    return not any(p.requires_grad for p in model.model.visual.parameters())
+
+
+def forward_inputs(model, batch, features=None):
+    """What the model's forward (and generate) take for `batch`. A `share` batch gets its videos as features: the
+    ones given (video_features of this model), or computed here once per video. A trainable tower under autograd
+    gets expand's copies of the patches instead, today's path: the gradient then flows through the tower as usual.
+    Any other batch is passed as it is."""
+    if "video_group" not in batch:
+        return batch
+    inputs = BatchFeature({k: v for k, v in batch.items() if k != "video_group"})
+    if features is None and torch.is_grad_enabled() and not vision_frozen(model):
+        group, grid = batch["video_group"], batch["video_grid_thw"]
+        patches = inputs["pixel_values_videos"].split(grid[::group].prod(-1).tolist())
+        inputs["pixel_values_videos"] = torch.cat([p for p in patches for _ in range(group)])
+        return inputs
+    if features is None:
+        features = video_features(model, batch)
+    del inputs["pixel_values_videos"]
+    inputs["mm_encoder_outputs"] = {"video": features}
+    return inputs
+
+
 # ----------------------------------------------------------------------------- sampling
-def generate(model, processor, batch, max_new_tokens=32, temperature=None):
+def generate(model, processor, batch, max_new_tokens=32, temperature=None, features=None):
     """Greedy (temperature None) or pure sampling at `temperature` (top_k 0, top_p 1) with the KV cache.
 
-    batch: left-padded inputs from data.encode, [B, L]. Vision tokens are suppressed.
+    batch: left-padded inputs from data.encode (or `share`), [B, L]; features: this model's video_features of a
+    `share` batch (computed here if not given). Vision tokens are suppressed.
     Returns completion ids [B, T] (padded after EOS) and their mask [B, T] (1 up to and including EOS).
 
     Sampling and scoring must be one distribution (completion_logits scores logits / temperature over the same
@@ -71,7 +149,7 @@ def generate(model, processor, batch, max_new_tokens=32, temperature=None):
                               eos_token_id=eos, pad_token_id=tok.pad_token_id, **(
                                   dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature
                                   else dict(do_sample=False)))
-    batch = batch.to(model.device)
+    batch = forward_inputs(model, batch.to(model.device), features)
     was_training, saved = model.training, model.generation_config
     model.eval()
     model.generation_config = config  # generate fills unset values from model.generation_config: make it ours
@@ -105,20 +183,6 @@ def decode(processor, ids, mask):
 
 
 # ----------------------------------------------------------------------------- scoring the same tokens
-def expand(batch, n):
-    """Repeat each prompt n times, keeping each video's patches next to its own <|video_pad|> tokens.
-
-    batch: input_ids, attention_mask, mm_token_type_ids [B, L]; video_grid_thw [B, 3];
-    pixel_values_videos [sum_i t_i*h_i*w_i, D]. Returns the same keys with B*n rows, prompt i at rows i*n..i*n+n-1.
-    """
-    if n == 1:
-        return batch
-    out = {k: v.repeat_interleave(n, 0) for k, v in batch.items() if k != "pixel_values_videos"}
-    patches = batch["pixel_values_videos"].split(batch["video_grid_thw"].prod(-1).tolist())
-    out["pixel_values_videos"] = torch.cat([p for p in patches for _ in range(n)])
-    return BatchFeature(out)
-
-
 def append_completion(batch, ids, mask):
     """Prompt batch [B, L] + completion ids/mask [B, T] -> one batch [B, L + T] for scoring (completion = text)."""
     seq = dict(batch)
@@ -134,21 +198,22 @@ def reprompt(processor, samples, videos, ids, mask, feedback=None):
     feedback: one text per completion [B*G] (VISD's judge on that completion), added to its own prompt."""
     group = ids.shape[0] // len(samples)
     if feedback is None:
-        prompt = expand(data.encode(processor, samples, videos), group)
+        prompt = share(data.encode(processor, samples, videos), group)
     else:  # each completion its own prompt: left padding keeps every prompt's end next to its completion
         prompt = data.encode(processor, [s for s in samples for _ in range(group)],
                              [v for v in videos for _ in range(group)], feedback=feedback)
     return append_completion(prompt.to(ids.device), ids, mask)
 
 
-def completion_logits(model, seq, T, temperature, forbidden, vocab=None):
+def completion_logits(model, seq, T, temperature, forbidden, vocab=None, features=None):
     """Logits / temperature of the T completion positions only: [B, T, V].
 
     `logits_to_keep` makes the LM head run on the last T + 1 positions, so the [B, L, V] logits of a long video
     prompt never exist. Forbidden (vision) tokens get -inf: the support is the one sampling used. `vocab` slices
     a teacher whose embedding is padded larger than the student's (Qwen2.5-VL-3B 151,936 vs 7B 152,064 rows).
+    features: this model's video_features of a `share` seq (computed here if not given; see forward_inputs).
     """
-    logits = model(**seq, logits_to_keep=T + 1, use_cache=False).logits[:, :-1]
+    logits = model(**forward_inputs(model, seq, features), logits_to_keep=T + 1, use_cache=False).logits[:, :-1]
     logits = logits[..., :vocab] if vocab else logits
     blocked = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
     blocked[forbidden] = True
