@@ -1,4 +1,5 @@
 """opd.py: Eq. 5-6, the full-vocabulary KL, the rollout/scoring machinery, a smoke run and resume."""
+import dataclasses
 import json
 import os
 import signal
@@ -10,6 +11,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from safetensors.torch import load_file
+from transformers import AutoProcessor
 
 import data
 import opd
@@ -172,15 +174,15 @@ def test_rollouts_are_sampled_by_the_model_named(tiny, tmp_path, monkeypatch, ro
     real_generate, real_logits = rollout.generate, rollout.completion_logits
     sampled, greedy, trained, scored = [], [], [], []
 
-    def generate(model, processor, batch, max_new_tokens=32, temperature=None):
-        ids, mask = real_generate(model, processor, batch, max_new_tokens, temperature)
+    def generate(model, processor, batch, max_new_tokens=32, temperature=None, features=None):
+        ids, mask = real_generate(model, processor, batch, max_new_tokens, temperature, features)
         (greedy if temperature is None else sampled).append((model, ids))
         return ids, mask
 
-    def completion_logits(model, seq, T, *args):
+    def completion_logits(model, seq, T, *args, **kw):
         # with grad: the student's pass the loss backpropagates through; without: the teacher's score
         (trained if torch.is_grad_enabled() else scored).append((model, seq["input_ids"][:, -T:]))
-        return real_logits(model, seq, T, *args)
+        return real_logits(model, seq, T, *args, **kw)
     monkeypatch.setattr(rollout, "generate", generate)
     monkeypatch.setattr(rollout, "completion_logits", completion_logits)
     out = tmp_path / "run"
@@ -247,3 +249,85 @@ def test_signal_handlers_come_back_when_a_step_raises(tiny, tmp_path):
     with pytest.raises(RuntimeError, match="a bug in a loss"):
         opd.train(args, student, processor, lambda *_: {}, broken_loss)
     assert {sig: signal.getsignal(sig) for sig in before} == before
+
+
+# ----------------------------------------------------------------------------- one vision pass per video (rollout.share)
+def _grads_of_one_pass(tiny, repeat, freeze, checkpointing, G=3):
+    """Sample G completions per prompt from a `repeat`ed batch (rollout.share or rollout.expand), then one training
+    forward + backward of their log-probs -> (completion ids, logits, {name: grad}). 2 prompts of different lengths:
+    left padding."""
+    model, processor = rollout.load_model(tiny["student"])
+    model.train()
+    model.model.visual.requires_grad_(not freeze)
+    if checkpointing:
+        model.gradient_checkpointing_enable()
+    samples = data.load_annotations(tiny["test"])[:2]
+    samples[1] = dataclasses.replace(samples[1], query=samples[1].query + " that moves slowly across the frame")
+    videos, _ = data.load_videos(samples)
+    prompt = repeat(data.encode(processor, samples, videos), G)
+    assert prompt["attention_mask"][:, 0].min() == 0  # really left-padded
+    forbidden = rollout.forbidden_ids(processor)
+    features = rollout.video_features(model, prompt) if "video_group" in prompt else None
+    torch.manual_seed(0)
+    ids, mask = rollout.generate(model, processor, prompt, 8, 1.0, features)
+    seq = rollout.append_completion(prompt, ids, mask)
+    logits = rollout.completion_logits(model, seq, ids.shape[1], 1.0, forbidden,
+                                       features=features if freeze else None)
+    (rollout.token_logp(logits, ids) * mask).sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return ids, logits.detach(), grads
+
+
+@pytest.mark.parametrize("freeze, checkpointing", [(True, False), (True, True), (False, False)])
+def test_shared_video_gives_the_copies_logits_and_gradients(tiny, freeze, checkpointing):
+    """rollout.share (each video through the tower once, its output shared by the G rollouts and, frozen, by the
+    training forward) == rollout.expand (a copy of the patches per rollout): the same samples, logits and gradients,
+    fp32, with left padding, mrope positions and gradient checkpointing; a trainable tower keeps the copies."""
+    ids_a, logits_a, grads_a = _grads_of_one_pass(tiny, rollout.expand, freeze, checkpointing)
+    ids_b, logits_b, grads_b = _grads_of_one_pass(tiny, rollout.share, freeze, checkpointing)
+    assert torch.equal(ids_a, ids_b)
+    finite = torch.isfinite(logits_a)
+    assert torch.equal(finite, torch.isfinite(logits_b))
+    assert torch.allclose(logits_a[finite], logits_b[finite], atol=1e-5)
+    assert grads_a.keys() == grads_b.keys() and len(grads_a) > 0
+    assert any(".visual." in n for n in grads_a) == (not freeze)
+    for name in grads_a:
+        assert torch.allclose(grads_a[name], grads_b[name], atol=1e-6, rtol=1e-4), name
+
+
+def _patches_through_the_towers(tiny, tmp_path, monkeypatch, *flags):
+    """One GRPO step (2 prompts x 4 rollouts) -> patches each model's vision tower ran on, and the log record."""
+    import grpo
+    seen = []
+    real = rollout.load_model
+
+    def counting(*a, **kw):
+        model, processor = real(*a, **kw)
+        model.model.visual.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[0]))
+        return model, processor
+    monkeypatch.setattr(rollout, "load_model", counting)
+    monkeypatch.setattr(sys, "argv", ["grpo.py", "--student", tiny["student"], "--data", tiny["train"],
+                                      "--out", str(tmp_path), "--steps", "1", "--prompts-per-step", "2",
+                                      "--micro-batch", "2", "--group-size", "4", "--max-new-tokens", "6",
+                                      "--num-workers", "0", "--eval-every", "0", *flags])
+    monkeypatch.setattr(opd, "finish", lambda *a, **kw: None)
+    grpo.main()
+    return sum(seen), [json.loads(x) for x in open(tmp_path / "log.jsonl")][-1]
+
+
+def test_each_video_goes_through_the_tower_once_per_step(tiny, tmp_path, monkeypatch):
+    """GRPO, 2 prompts x 4 rollouts: with share_vision the student's tower sees each video once in the step (for
+    generation and the training forward); without it, 4 copies in generate and 4 more in the training forward."""
+    per_video = data.encode(AutoProcessor.from_pretrained(tiny["student"]),
+                            *[[x] for x in _first_sample(tiny)])["pixel_values_videos"].shape[0]
+    shared, rec_a = _patches_through_the_towers(tiny, tmp_path / "shared", monkeypatch)
+    copies, rec_b = _patches_through_the_towers(tiny, tmp_path / "copies", monkeypatch, "--no-share-vision")
+    assert shared == 2 * per_video
+    assert copies == 2 * 4 * 2 * per_video
+    assert rec_a["loss"] == pytest.approx(rec_b["loss"], abs=1e-6)
+    assert rec_a["rollout_iou"] == rec_b["rollout_iou"]
+
+
+def _first_sample(tiny):
+    (s,) = data.load_annotations(tiny["train"])[:1]
+    return s, data.load_video(s.video)

@@ -162,8 +162,8 @@ def _train_one_step(tiny, tmp_path, micro_batch, score, loss_fn, monkeypatch, gr
     set by its own prompt, so only the micro-batching differs between calls. -> (log record, final weights)."""
     real_generate = rollout.generate
 
-    def fixed(model, processor, batch, max_new_tokens, temperature=None):
-        ids, mask = real_generate(model, processor, batch, max_new_tokens)
+    def fixed(model, processor, batch, max_new_tokens, temperature=None, features=None):
+        ids, mask = real_generate(model, processor, batch, max_new_tokens, features=features)
         keep = 2 + (batch["input_ids"] * batch["attention_mask"]).sum(1) % 5  # 2-6 tokens, set by the prompt
         return ids, mask * (torch.arange(ids.shape[1]) < keep[:, None])
     monkeypatch.setattr(rollout, "generate", fixed)
