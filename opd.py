@@ -61,8 +61,8 @@ class Args:
     bf16: bool = False              # bf16 autocast for forward passes (GPU users)
     fps: float = 2.0                # frames per second sampled from each video (paper: 2, Sec. 4.1)
     max_frames: int = 256           # frame cap per video (ours; paper: <= 768 frames, 8,192 video tokens)
-    share_vision: bool = True       # each video through each model's vision tower once per step, its rollouts and
-    #                                 the training forward sharing the output (ours; off: a copy per rollout)
+    share_prompt: bool = True       # each video through each vision tower once per step, a group's prompt through
+    #                                 the LLM once per forward (ours, same numbers; off: a copy per rollout)
     num_workers: int = 1            # DataLoader processes decoding the next steps' videos (0: in the main process)
     eval_every: int = 20            # greedy evaluation every N steps (0: only before and after)
     eval_limit: int = 0             # evaluate on the first N test queries only (0: all)
@@ -212,7 +212,7 @@ def prepare(args, processor, group, micro_batches):
     for mb, chunk in micro_batches:
         videos, _ = data.load_videos(chunk, fps=args.fps, max_frames=args.max_frames)
         prompt = data.encode(processor, chunk, videos)
-        repeat = rollout.share if args.share_vision else rollout.expand
+        repeat = rollout.share if args.share_prompt else rollout.expand
         out.append((mb, chunk, videos, repeat(prompt, group)))
     return out
 

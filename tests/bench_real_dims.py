@@ -1,6 +1,7 @@
 """One OPD step and one GRPO step at the real Qwen3-VL-2B / 8B widths, through opd.py and grpo.py themselves.
 
     python tests/bench_real_dims.py [--text-layers 1 2] [--vision-layers 1] [--group-size 2] [--bf16]
+    python tests/bench_real_dims.py --text-layers 1 --group-size 4 --sharing both   # shared prompt vs copies
 
 Student and teacher are random-init Qwen3VLForConditionalGeneration models with every dimension of the real
 checkpoints (REAL_2B, REAL_8B below: widths, heads, KV heads, head dim, vocabulary, mrope, patch / merge /
@@ -9,8 +10,10 @@ temporal patch, the video processor's size bounds) except the depths, which are 
 video at 2 fps: the Charades clip ../shared/data/OHOFG.mp4 (35 s, 640x360) when present, otherwise a synthetic
 clip of the same length and size. Each configuration runs `opd.py` / `grpo.py` for one step in its own process
 with the README's real-model flags (--gradient-checkpointing, --bf16 when asked) and reports, from the run's
-log.jsonl and a 20 ms sampler of the process's resident memory: time per phase and peak memory per phase. The
-difference between two text depths is one text layer's share; README "Performance" scales it to full depth.
+log.jsonl and a 20 ms sampler of the process's resident memory: time per phase, peak memory per phase, and the
+work per phase: vision-tower patches and LLM tokens each model ran on. `--sharing both` runs each step twice, as
+trained (rollout.share: each video once, a group's prompt once) and with --no-share-prompt (a copy per rollout).
+The difference between two text depths is one text layer's share; README "Performance" scales it to full depth.
 Prints one JSON line per configuration.
 """
 import argparse
@@ -111,7 +114,7 @@ def child(script, argv, out_json):
     import rollout
     import cli
     page = os.sysconf("SC_PAGE_SIZE")
-    phase, peaks = ["load"], {}
+    phase, peaks, patches, tokens = ["load"], {}, {}, {}
 
     def rss():
         with open("/proc/self/statm") as f:
@@ -128,6 +131,16 @@ def child(script, argv, out_json):
             phase[0] = name(*a) if callable(name) else name
             return fn(*a, **kw)
         return wrapper
+    def counted(load):
+        def wrapper(*a, **kw):
+            model, processor = load(*a, **kw)
+            add = lambda seen, n: seen.__setitem__(phase[0], seen.get(phase[0], 0) + n)
+            model.model.visual.register_forward_pre_hook(lambda m, args: add(patches, args[0].shape[0]))
+            model.model.language_model.register_forward_pre_hook(
+                lambda m, args, kw: add(tokens, kw["inputs_embeds"].shape[:2].numel()), with_kwargs=True)
+            return model, processor
+        return wrapper
+    rollout.load_model = counted(rollout.load_model)
     rollout.generate = labelled(rollout.generate, "generate")
     rollout.completion_logits = labelled(rollout.completion_logits,
                                          lambda *a: "student fwd+bwd" if torch.is_grad_enabled() else "teacher fwd")
@@ -136,7 +149,8 @@ def child(script, argv, out_json):
     importlib.import_module(script[:-3]).main()  # the module, not a fresh __main__, so the wrappers above apply
     peaks[phase[0]] = max(peaks.get(phase[0], 0.0), rss())
     with open(out_json, "w") as f:
-        json.dump({k: round(v) for k, v in peaks.items()}, f)
+        json.dump({"peak_rss_mb": {k: round(v) for k, v in peaks.items()}, "vision_patches": patches,
+                   "llm_tokens": tokens}, f)
 
 
 def main():
@@ -147,6 +161,8 @@ def main():
     p.add_argument("--max-new-tokens", type=int, default=16, help="completion length (random weights never stop)")
     p.add_argument("--scripts", nargs="+", default=["opd.py", "grpo.py"], help="which steps to run")
     p.add_argument("--bf16", action="store_true", help="add --bf16 (slow on CPUs without bf16 units)")
+    p.add_argument("--sharing", choices=["on", "off", "both"], default="on",
+                   help="on: as trained; off: --no-share-prompt (a copy of the prompt per rollout); both: each")
     p.add_argument("--workdir", default="/tmp/bench_real_dims", help="scratch folder (models are ~2-7 GB each)")
     p.add_argument("--child", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -166,25 +182,31 @@ def main():
             params = build_model(models[name], real, layers, a.vision_layers, processor)
             models[f"{name}_params"] = params
         for script in a.scripts:
-            out = os.path.join(a.workdir, f"run-{script[:-3]}-{layers}")
-            flags = ["--student", models["student"], "--data", train, "--out", out, "--steps", "1",
-                     "--prompts-per-step", "1", "--micro-batch", "1", "--num-workers", "0", "--max-new-tokens",
-                     str(a.max_new_tokens), "--gradient-checkpointing", *(["--bf16"] if a.bf16 else [])]
-            flags += ["--teacher", models["teacher"], "--loss", "sampled"] if script == "opd.py" else [
-                "--group-size", str(a.group_size)]
-            shutil.rmtree(out, ignore_errors=True)  # this benchmark's own scratch run
-            peaks = out + ".memory.json"
-            t0 = time.time()
-            subprocess.run([sys.executable, __file__, "--child", script, peaks, *flags], check=True,
-                           stdout=subprocess.DEVNULL)
-            (step,) = [r for r in map(json.loads, open(os.path.join(out, "log.jsonl"))) if "loss" in r]
-            print(json.dumps({"script": script, "text_layers": layers, "vision_layers": a.vision_layers,
-                              "bf16": a.bf16, "prompt_tokens": prompt_tokens,
-                              "video_tokens": video_tokens, "group_size": a.group_size if script == "grpo.py" else 1,
-                              "student_params": models["student_params"], "teacher_params": models["teacher_params"],
-                              "step_s": round(sum(step["time"].values()), 1), "time_s": step["time"],
-                              "peak_rss_mb": json.load(open(peaks)), "process_s": round(time.time() - t0, 1)}),
-                  flush=True)
+            for sharing in ["on", "off"] if a.sharing == "both" else [a.sharing]:
+                run_step(a, script, sharing, models, train, layers, prompt_tokens, video_tokens)
+
+
+def run_step(a, script, sharing, models, train, layers, prompt_tokens, video_tokens):
+    """One step of `script` in a child process -> prints its JSON line."""
+    out = os.path.join(a.workdir, f"run-{script[:-3]}-{layers}-{sharing}")
+    flags = ["--student", models["student"], "--data", train, "--out", out, "--steps", "1",
+             "--prompts-per-step", "1", "--micro-batch", "1", "--num-workers", "0", "--max-new-tokens",
+             str(a.max_new_tokens), "--gradient-checkpointing", *(["--bf16"] if a.bf16 else []),
+             *(["--no-share-prompt"] if sharing == "off" else [])]
+    flags += ["--teacher", models["teacher"], "--loss", "sampled"] if script == "opd.py" else [
+        "--group-size", str(a.group_size)]
+    shutil.rmtree(out, ignore_errors=True)  # this benchmark's own scratch run
+    measured = out + ".measured.json"
+    t0 = time.time()
+    subprocess.run([sys.executable, __file__, "--child", script, measured, *flags], check=True,
+                   stdout=subprocess.DEVNULL)
+    (step,) = [r for r in map(json.loads, open(os.path.join(out, "log.jsonl"))) if "loss" in r]
+    print(json.dumps({"script": script, "sharing": sharing, "text_layers": layers,
+                      "vision_layers": a.vision_layers, "bf16": a.bf16, "prompt_tokens": prompt_tokens,
+                      "video_tokens": video_tokens, "group_size": a.group_size if script == "grpo.py" else 1,
+                      "student_params": models["student_params"], "teacher_params": models["teacher_params"],
+                      "step_s": round(sum(step["time"].values()), 1), "time_s": step["time"],
+                      **json.load(open(measured)), "process_s": round(time.time() - t0, 1)}), flush=True)
 
 
 if __name__ == "__main__":

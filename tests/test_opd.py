@@ -251,7 +251,7 @@ def test_signal_handlers_come_back_when_a_step_raises(tiny, tmp_path):
     assert {sig: signal.getsignal(sig) for sig in before} == before
 
 
-# ----------------------------------------------------------------------------- one vision pass per video (rollout.share)
+# ----------------------------------------------------------------------------- a prompt once per group (rollout.share)
 def _grads_of_one_pass(tiny, repeat, freeze, checkpointing, G=3):
     """Sample G completions per prompt from a `repeat`ed batch (rollout.share or rollout.expand), then one training
     forward + backward of their log-probs -> (completion ids, logits, {name: grad}). 2 prompts of different lengths:
@@ -279,10 +279,11 @@ def _grads_of_one_pass(tiny, repeat, freeze, checkpointing, G=3):
 
 
 @pytest.mark.parametrize("freeze, checkpointing", [(True, False), (True, True), (False, False)])
-def test_shared_video_gives_the_copies_logits_and_gradients(tiny, freeze, checkpointing):
+def test_shared_prompt_gives_the_copies_logits_and_gradients(tiny, freeze, checkpointing):
     """rollout.share (each video through the tower once, its output shared by the G rollouts and, frozen, by the
-    training forward) == rollout.expand (a copy of the patches per rollout): the same samples, logits and gradients,
-    fp32, with left padding, mrope positions and gradient checkpointing; a trainable tower keeps the copies."""
+    training forward; the training forward over packed rows [prompt, c_1..c_G], rollout.grouped_logits) ==
+    rollout.expand (a copy of the prompt and its patches per rollout): the same samples, logits and gradients, fp32,
+    with left padding, mrope positions and gradient checkpointing, with the tower frozen or trainable."""
     ids_a, logits_a, grads_a = _grads_of_one_pass(tiny, rollout.expand, freeze, checkpointing)
     ids_b, logits_b, grads_b = _grads_of_one_pass(tiny, rollout.share, freeze, checkpointing)
     assert torch.equal(ids_a, ids_b)
@@ -292,18 +293,26 @@ def test_shared_video_gives_the_copies_logits_and_gradients(tiny, freeze, checkp
     assert grads_a.keys() == grads_b.keys() and len(grads_a) > 0
     assert any(".visual." in n for n in grads_a) == (not freeze)
     for name in grads_a:
-        assert torch.allclose(grads_a[name], grads_b[name], atol=1e-6, rtol=1e-4), name
+        # float tolerance: the G rollouts' gradient is summed in another order. The tower's gradient is a sum over
+        # thousands of patches that nearly cancel, so its fp32 noise is larger (1.7e-4 of its norm measured; 3e-7
+        # with the model in fp64, whose RMSNorms still compute in fp32)
+        tol = 1e-3 if ".visual." in name else 2e-5
+        assert (grads_a[name] - grads_b[name]).norm() <= tol * grads_a[name].norm(), name
 
 
-def _patches_through_the_towers(tiny, tmp_path, monkeypatch, *flags):
-    """One GRPO step (2 prompts x 4 rollouts) -> patches each model's vision tower ran on, and the log record."""
+def _work_of_one_grpo_step(tiny, tmp_path, monkeypatch, *flags):
+    """One GRPO step (2 prompts x 4 rollouts) -> (patches each model's vision tower ran on, {with gradients: tokens
+    the student's LLM ran on}, the log record)."""
     import grpo
-    seen = []
+    patches, tokens = [], []
     real = rollout.load_model
 
     def counting(*a, **kw):
         model, processor = real(*a, **kw)
-        model.model.visual.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[0]))
+        model.model.visual.register_forward_pre_hook(lambda m, args: patches.append(args[0].shape[0]))
+        model.model.language_model.register_forward_pre_hook(
+            lambda m, args, kw: tokens.append((torch.is_grad_enabled(), kw["inputs_embeds"].shape[:2].numel())),
+            with_kwargs=True)
         return model, processor
     monkeypatch.setattr(rollout, "load_model", counting)
     monkeypatch.setattr(sys, "argv", ["grpo.py", "--student", tiny["student"], "--data", tiny["train"],
@@ -312,18 +321,24 @@ def _patches_through_the_towers(tiny, tmp_path, monkeypatch, *flags):
                                       "--num-workers", "0", "--eval-every", "0", *flags])
     monkeypatch.setattr(opd, "finish", lambda *a, **kw: None)
     grpo.main()
-    return sum(seen), [json.loads(x) for x in open(tmp_path / "log.jsonl")][-1]
+    llm = {grad: sum(n for g, n in tokens if g == grad) for grad in (False, True)}
+    return sum(patches), llm, [json.loads(x) for x in open(tmp_path / "log.jsonl")][-1]
 
 
-def test_each_video_goes_through_the_tower_once_per_step(tiny, tmp_path, monkeypatch):
-    """GRPO, 2 prompts x 4 rollouts: with share_vision the student's tower sees each video once in the step (for
-    generation and the training forward); without it, 4 copies in generate and 4 more in the training forward."""
+def test_each_prompt_goes_through_the_model_once_per_step(tiny, tmp_path, monkeypatch):
+    """GRPO, 2 prompts x 4 rollouts: shared, the student's tower sees each video once in the step (for generation
+    and the training forward), generate prefills each prompt once and the training forward holds each prompt once
+    (L + 4T tokens); with --no-share-prompt, 4 copies in generate and 4 more in the training forward, 4 (L + T)
+    tokens. The same loss and rewards."""
     per_video = data.encode(AutoProcessor.from_pretrained(tiny["student"]),
                             *[[x] for x in _first_sample(tiny)])["pixel_values_videos"].shape[0]
-    shared, rec_a = _patches_through_the_towers(tiny, tmp_path / "shared", monkeypatch)
-    copies, rec_b = _patches_through_the_towers(tiny, tmp_path / "copies", monkeypatch, "--no-share-vision")
+    shared, shared_tokens, rec_a = _work_of_one_grpo_step(tiny, tmp_path / "shared", monkeypatch)
+    copies, copies_tokens, rec_b = _work_of_one_grpo_step(tiny, tmp_path / "copies", monkeypatch,
+                                                          "--no-share-prompt")
     assert shared == 2 * per_video
     assert copies == 2 * 4 * 2 * per_video
+    # a prompt of ~100 tokens, 6-token answers: about 4x fewer, in generation and in the training forward
+    assert 0 < shared_tokens[True] < copies_tokens[True] / 2 and 0 < shared_tokens[False] < copies_tokens[False] / 2
     assert rec_a["loss"] == pytest.approx(rec_b["loss"], abs=1e-6)
     assert rec_a["rollout_iou"] == rec_b["rollout_iou"]
 
