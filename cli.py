@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 import data
 import fsdp
+import memory
 import rollout
 import toy
 
@@ -101,10 +102,12 @@ def checkpoint_step(out):
         return json.load(f)["step"]
 
 
-def start_run(args, models=("student", "teacher")):
+def start_run(args, models=("student", "teacher"), frozen=None):
     """Everything that can be wrong with a run's inputs, checked before a model loads or --out is touched:
-    the models named, the annotations and their videos, and the run folder (an earlier run in --out is refused
-    unless --resume continues it or --overwrite replaces it)."""
+    the models named, the annotations and their videos, the memory the run needs (memory.check: printed, and
+    refused when a GPU has less free), and the run folder (an earlier run in --out is refused unless --resume
+    continues it or --overwrite replaces it). frozen: the inference-only models the script loads, each a flag
+    naming one, or (flag, bytes per weight) (default: the teacher, when the script has one)."""
     check_models(args, models)  # what the user named, before the miniature fills in the rest (built once)
     resolve_miniature(args)
     for flag in models:
@@ -113,6 +116,10 @@ def start_run(args, models=("student", "teacher")):
     data.load_samples(args.data, args.video_root, args.skip_bad)
     if args.eval_data:
         data.load_samples(args.eval_data, args.video_root, args.skip_bad)
+    group = getattr(args, "group_size", getattr(args, "rollouts_per_prompt", 1))
+    frozen = ("teacher",) if frozen is None and "teacher" in models else frozen or ()
+    memory.check(args, [(getattr(args, f[0]), f[1]) if isinstance(f, tuple) else getattr(args, f) for f in frozen],
+                 group)
     if getattr(args, "resume", False):
         if not os.path.exists(f"{args.out}/checkpoint/step.json"):
             raise data.DataError(f"--resume: no checkpoint in {args.out}/checkpoint")

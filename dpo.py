@@ -168,7 +168,7 @@ def main():
     args = cli.parse(DPOArgs, MINIATURE, drop=opd.DISTILLATION_ONLY + ("resume",),
                      choices=opd.CHOICES | {"perturbation": KINDS + ("mix",)}, bounds=BOUNDS)
     fsdp.init_distributed()
-    cli.start_run(args, models=("student",))
+    cli.start_run(args, models=("student",), frozen=("student",))
     torch.manual_seed(args.seed)
     pool = data.load_samples(args.data, args.video_root, args.skip_bad)
     pool = temporally_rich(pool, args.min_changes, args.fps, args.max_frames) if args.min_changes else pool

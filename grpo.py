@@ -74,7 +74,7 @@ def make_score(args, ref, forbidden):
 def main():
     args = cli.parse(GRPOArgs, MINIATURE, drop=opd.DISTILLATION_ONLY, choices=opd.CHOICES, bounds=BOUNDS)
     fsdp.init_distributed()
-    cli.start_run(args, models=("student",))
+    cli.start_run(args, models=("student",), frozen=("student",) if args.beta else ())
     torch.manual_seed(args.seed)
     student, processor = opd.load_student(args)
     forbidden = rollout.forbidden_ids(processor)

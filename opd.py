@@ -70,6 +70,7 @@ class Args:
     resume: bool = False            # continue the run in --out from its checkpoint
     overwrite: bool = False         # replace the run already in --out (without it or --resume: refused)
     skip_bad: bool = False          # train without samples whose video file is missing (else: refused)
+    force: bool = False             # start even when the memory estimate exceeds the GPU's free memory (memory.py)
     seed: int = 0                   # seeds prompt order, sampling and init
 
 

@@ -23,10 +23,11 @@ import data
 
 # ----------------------------------------------------------------------------- models
 def load_model(name_or_path, device=None, dtype=None):
-    """A hub id or a local folder -> (model, processor). bf16 on GPU, fp32 on CPU."""
+    """A hub id or a local folder -> (model, processor). bf16 on a machine with a GPU (also when loaded on CPU for
+    FSDP to shard onto the GPUs: a frozen teacher needs no fp32 copy), fp32 without one."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = dtype or (torch.bfloat16 if device.startswith("cuda") else torch.float32)
+    dtype = dtype or (torch.bfloat16 if torch.cuda.is_available() else torch.float32)
     processor = AutoProcessor.from_pretrained(name_or_path)
     model = AutoModelForImageTextToText.from_pretrained(name_or_path, dtype=dtype).to(device).eval()
     return model, processor

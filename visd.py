@@ -89,7 +89,8 @@ def ema_update(teacher, student, decay):
 def main():
     args = cli.parse(VISDArgs, MINIATURE, drop=opd.DISTILLATION_ONLY, choices=opd.CHOICES, bounds=BOUNDS)
     fsdp.init_distributed()
-    cli.start_run(args, models=("student",))
+    # frozen: the EMA teacher (fp32, below) and, with --beta, the k3 KL's reference
+    cli.start_run(args, models=("student",), frozen=[("student", 4)] + (["student"] if args.beta else []))
     torch.manual_seed(args.seed)
     student, processor = opd.load_student(args)
     forbidden = rollout.forbidden_ids(processor)

@@ -10,7 +10,8 @@ temporal patch, the video processor's size bounds) except the depths, which are 
 video at 2 fps: the Charades clip ../shared/data/OHOFG.mp4 (35 s, 640x360) when present, otherwise a synthetic
 clip of the same length and size. Each configuration runs `opd.py` / `grpo.py` for one step in its own process
 with the README's real-model flags (--gradient-checkpointing, --bf16 when asked) and reports, from the run's
-log.jsonl and a 20 ms sampler of the process's resident memory: time per phase, peak memory per phase, and the
+log.jsonl and a 20 ms sampler of the process's resident memory: time per phase, peak memory per phase (and the
+process's memory before any model loads, start_rss_mb), the run's own memory.estimate (estimate_mb), and the
 work per phase: vision-tower patches and LLM tokens each model ran on. `--sharing both` runs each step twice, as
 trained (rollout.share: each video once, a group's prompt once) and with --no-share-prompt (a copy per rollout).
 The difference between two text depths is one text layer's share; README "Performance" scales it to full depth.
@@ -47,6 +48,9 @@ REAL_8B = dict(
     vision=REAL_2B["vision"] | dict(depth=27, hidden_size=1152, intermediate_size=4304, out_hidden_size=4096,
                                     deepstack_visual_indexes=[8, 16, 24]),
     tie_word_embeddings=False)
+# glibc keeps freed blocks under its (adaptive) mmap threshold in the heap, so resident memory would also count what
+# earlier phases freed; a fixed 64 KB threshold returns every larger block at once: resident memory = live tensors
+LIVE_MEMORY = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 # video_preprocessor_config.json of the same checkpoints: the size bounds are over the whole clip (t * h * w)
 REAL_VIDEO = dict(size={"longest_edge": 25_165_824, "shortest_edge": 4096}, patch_size=16, temporal_patch_size=2,
                   merge_size=2, image_mean=[0.5] * 3, image_std=[0.5] * 3)
@@ -113,12 +117,20 @@ def child(script, argv, out_json):
     import torch
     import rollout
     import cli
+    import memory
     page = os.sysconf("SC_PAGE_SIZE")
-    phase, peaks, patches, tokens = ["load"], {}, {}, {}
+    phase, peaks, patches, tokens, estimated = ["load"], {}, {}, {}, {}
 
     def rss():
         with open("/proc/self/statm") as f:
             return int(f.read().split()[1]) * page / 2 ** 20
+    start = rss()  # the interpreter and the libraries, before any model: what memory.estimate does not count
+    estimate = memory.estimate
+
+    def first_step(args, *a, **kw):  # the run's own estimate, as a 1-step run peaks (AdamW made at its step)
+        estimated.update({k: round(v / 2 ** 20) for k, v in estimate(args, *a, **kw, first_step=True).items()})
+        return estimate(args, *a, **kw)
+    memory.estimate = first_step
 
     def sample():
         while True:
@@ -149,8 +161,8 @@ def child(script, argv, out_json):
     importlib.import_module(script[:-3]).main()  # the module, not a fresh __main__, so the wrappers above apply
     peaks[phase[0]] = max(peaks.get(phase[0], 0.0), rss())
     with open(out_json, "w") as f:
-        json.dump({"peak_rss_mb": {k: round(v) for k, v in peaks.items()}, "vision_patches": patches,
-                   "llm_tokens": tokens}, f)
+        json.dump({"peak_rss_mb": {k: round(v) for k, v in peaks.items()}, "start_rss_mb": round(start),
+                   "estimate_mb": estimated, "vision_patches": patches, "llm_tokens": tokens}, f)
 
 
 def main():
@@ -199,7 +211,7 @@ def run_step(a, script, sharing, models, train, layers, prompt_tokens, video_tok
     measured = out + ".measured.json"
     t0 = time.time()
     subprocess.run([sys.executable, __file__, "--child", script, measured, *flags], check=True,
-                   stdout=subprocess.DEVNULL)
+                   stdout=subprocess.DEVNULL, env=os.environ | LIVE_MEMORY)
     (step,) = [r for r in map(json.loads, open(os.path.join(out, "log.jsonl"))) if "loss" in r]
     print(json.dumps({"script": script, "sharing": sharing, "text_layers": layers,
                       "vision_layers": a.vision_layers, "bf16": a.bf16, "prompt_tokens": prompt_tokens,

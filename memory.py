@@ -1,0 +1,191 @@
+"""What a run will hold on each device, said before a model loads, and a refusal when a GPU has less free.
+
+    parts = memory.estimate(args, frozen=[args.teacher], group=1)   # {part: bytes} per device, and "peak"
+    memory.check(args, frozen=[args.teacher], group=1)               # cli.start_run: one line; refuse if too big
+
+Counted, not measured: the parameters of each model (built from its config on the meta device: no weight is read),
+the longest training prompt (encoded once: its tokens and video patches), the step's layout (opd.collect keeps
+every rollout of the step, with its video, until opd.update has used them) and per-token activation sizes of one
+Qwen3 decoder layer (ACTIVATION). README "One 80 GB GPU" compares the estimate with measured peaks
+(tests/bench_real_dims.py); tests/test_memory.py checks it against a measured run at reduced depth.
+"""
+import torch
+
+import data
+import fsdp
+
+GB = 2 ** 30  # GiB, as torch.cuda reports memory
+# Bytes one decoder layer keeps for backward per token (4 coefficients: of intermediate_size I, of the query width
+# heads*head_dim, of the key/value width kv_heads*head_dim, of hidden_size H), fp32 and under bf16 autocast.
+# Measured with torch.autograd.graph.saved_tensors_hooks on Qwen3-VL text layers of several widths (a fit that is
+# exact to ~300 bytes a token); the vision tower's layers are counted with the same sizes (an approximation).
+ACTIVATION = {False: (16, 16, 16, 26), True: (8, 10, 10, 28)}
+
+
+def model_size(path):
+    """A model's sizes from its config alone -> dict(config, params, vision, largest_block (the largest FSDP unit),
+    root (what no block holds: embeddings, LM head), text, vision_config, deepstack)."""
+    from transformers import AutoConfig, AutoModelForImageTextToText
+    config = AutoConfig.from_pretrained(path)
+    with torch.device("meta"):
+        model = AutoModelForImageTextToText.from_config(config)
+    count = lambda module: sum(p.numel() for p in module.parameters())
+    blocks = [count(m) for m in model.modules() if type(m).__name__ in model._no_split_modules]
+    vision = config.vision_config
+    return dict(config=config, params=count(model), vision=count(model.model.visual), largest_block=max(blocks),
+                root=count(model) - sum(blocks), text=config.get_text_config(), vision_config=vision,
+                deepstack=len(getattr(vision, "deepstack_visual_indexes", []) or []))
+
+
+def prompt_size(args):
+    """The training prompt of the longest video (the annotations' durations; the first sample without them),
+    encoded as training encodes it -> (tokens L, video patches, values per patch, video tokens)."""
+    from transformers import AutoProcessor
+    samples = data.load_samples(args.data, args.video_root, args.skip_bad)
+    sample = max(samples, key=lambda s: s.duration or 0.0)
+    videos, _ = data.load_videos([sample], fps=args.fps, max_frames=args.max_frames)
+    processor = AutoProcessor.from_pretrained(args.student)
+    prompt = data.encode(processor, [sample], videos)
+    patches = prompt["pixel_values_videos"].shape
+    merge = getattr(processor.video_processor, "merge_size", 2)
+    return prompt["input_ids"].shape[1], patches[0], patches[1], patches[0] // merge ** 2
+
+
+def layer_activations(tokens, hidden, intermediate, q, kv, bf16):
+    """Bytes one decoder layer keeps for backward over `tokens` tokens (ACTIVATION)."""
+    ci, cq, ckv, ch = ACTIVATION[bf16]
+    return tokens * (ci * intermediate + cq * q + ckv * kv + ch * hidden)
+
+
+def inference_layer(tokens, hidden, intermediate, nbytes):
+    """The largest transient of one layer without gradients: its MLP's gate, up and their product, the residual."""
+    return tokens * (3 * intermediate + 4 * hidden) * nbytes
+
+
+def widths(text):
+    """(hidden, intermediate, query width, key/value width, layers) of a text config."""
+    head = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    return (text.hidden_size, text.intermediate_size, text.num_attention_heads * head,
+            text.num_key_value_heads * head, text.num_hidden_layers)
+
+
+def vision_pass(size, patches, nbytes):
+    """One frozen vision tower's forward on `patches`: its largest layer transient."""
+    v = size["vision_config"]
+    return inference_layer(patches, v.hidden_size, v.intermediate_size, nbytes)
+
+
+def estimate(args, frozen=(), group=1, world=1, cuda=None, first_step=False):
+    """-> {part: bytes on each device}, "peak" the largest total. frozen: the inference-only models, each a path
+    or (path, bytes per weight) (default: bf16 with a GPU, fp32 without, as rollout.load_model loads them);
+    group: rollouts per prompt; world: processes (FSDP holds 1/world of every weight and state on each);
+    first_step: AdamW's moments appear at the first optimizer step, after the activations are freed (a 1-step
+    run's peak, as tests/bench_real_dims.py measures)."""
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    student = model_size(args.student)
+    frozen = [(f, None) if isinstance(f, str) else f for f in frozen]
+    teachers = [(model_size(path), nbytes or (2 if cuda else 4)) for path, nbytes in frozen]
+    L, patches, patch_values, video_tokens = prompt_size(args)
+    act = 2 if args.bf16 else 4  # bytes of an activation: autocast computes in bf16
+    trainable = student["params"] - (student["vision"] if args.freeze_vision else 0)
+    prompts = max(1, args.prompts_per_step // world)  # this rank's prompts of a step
+    micro = min(args.micro_batch, prompts)
+    shape = dict(L=L, T=args.max_new_tokens, micro=micro, group=group, patches=patches, act=act,
+                 packed=args.share_prompt and group > 1, share=args.share_prompt, world=world)
+    # the step's rollouts, kept until the update: video patches (fp32, once per prompt when shared), the
+    # student's video features (shared, frozen tower), the teacher's logits (--loss fullkl)
+    stored = patches * patch_values * 4 * (1 if args.share_prompt else group)
+    if args.share_prompt and args.freeze_vision:
+        stored += video_tokens * student["text"].hidden_size * (1 + student["deepstack"]) * act
+    if getattr(args, "loss", None) == "fullkl":
+        stored += group * args.max_new_tokens * student["text"].vocab_size * (2 if cuda or args.bf16 else 4)
+    parts = {"student weights": 4 * student["params"] / world,  # fp32 master weights (opd.load_student)
+             "AdamW moments": 8 * trainable / world,
+             "frozen models": sum(nbytes * size["params"] for size, nbytes in teachers) / world,
+             "step's rollouts": prompts * stored}
+    phases = {"student fwd+bwd": training(args, student, trainable, shape),
+              "generate": generation(student, shape),
+              "teacher fwd": max([scoring(size, nbytes, shape) for size, nbytes in teachers], default=0)}
+    # the gradients, and the one temporary of their size that AdamW's foreach step makes (the sqrt of its moments)
+    phases["optimizer step"] = 8 * trainable / world
+    if first_step:
+        phases["optimizer step"] += parts.pop("AdamW moments")
+    static = sum(parts.values())
+    parts.update(phases)
+    parts["peak"] = static + max(phases.values())
+    return parts
+
+
+def training(args, size, trainable, s):
+    """The student's forward + backward of one micro-batch: gradients, activations, bf16 weight copies."""
+    H, I, q, kv, layers = widths(size["text"])
+    seqs = s["micro"] * s["group"]
+    tokens = s["micro"] * (s["L"] + s["group"] * s["T"]) if s["packed"] else seqs * (s["L"] + s["T"])
+    layer = layer_activations(tokens, H, I, q, kv, args.bf16)
+    if args.gradient_checkpointing:  # each layer keeps its input (the fp32 residual stream), one is recomputed
+        total = layers * tokens * H * 4 + layer
+    else:
+        total = layers * layer
+    total += 4 * seqs * s["T"] * size["text"].vocab_size * 4  # the logits, / T, masked, their log-softmax
+    if s["packed"]:  # grouped_logits' [B, N, N] bool mask, and the additive copy sdpa makes (and keeps) per layer
+        total += tokens ** 2 // s["micro"] * (1 + s["act"] * (1 if args.gradient_checkpointing else layers))
+    if not args.freeze_vision:  # a trainable tower on each rollout's copy of the patches (rollout.forward_inputs)
+        v = size["vision_config"]
+        patches = s["micro"] * s["group"] * s["patches"]
+        total += v.depth * layer_activations(patches, v.hidden_size, v.intermediate_size, v.hidden_size,
+                                             v.hidden_size, args.bf16)
+    total += 4 * trainable / s["world"]  # the gradients
+    if getattr(size["config"], "tie_word_embeddings", False):  # the LM head's gradient and the embedding's, summed
+        total += size["text"].vocab_size * H * 4 / s["world"]
+    if args.bf16:  # autocast keeps a bf16 copy of each trainable weight for the forward
+        total += 2 * trainable / s["world"]
+    if s["world"] > 1:  # FSDP gathers a block (and the next, prefetched) and the root's embeddings, LM head
+        total += (2 * size["largest_block"] + size["root"]) * 4
+    return total
+
+
+def generation(size, s):
+    """generate on one micro-batch: the KV cache of every rollout, one prefill layer, the vision tower."""
+    H, I, q, kv, layers = widths(size["text"])
+    seqs = s["micro"] * s["group"]
+    cache = layers * 2 * kv * (s["L"] + s["T"]) * seqs * s["act"]  # rollout.prefilled repeats it per rollout
+    prefill = inference_layer(s["micro"] * s["L"] if s["packed"] else seqs * s["L"], H, I, s["act"])
+    copies = 1 if s["share"] else s["group"]
+    vision = vision_pass(size, s["micro"] * s["patches"] * copies, s["act"])
+    gathered = (2 * size["largest_block"] + size["root"]) * 4 if s["world"] > 1 else 0
+    return cache + max(prefill, vision) + gathered
+
+
+def scoring(size, nbytes, s):
+    """A frozen model's forward over one micro-batch's rollouts (no gradients): a layer, the vision tower, logits."""
+    H, I, q, kv, layers = widths(size["text"])
+    seqs = s["micro"] * s["group"]
+    tokens = s["micro"] * (s["L"] + s["group"] * s["T"]) if s["packed"] else seqs * (s["L"] + s["T"])
+    copies = 1 if s["share"] else s["group"]
+    layer = max(inference_layer(tokens, H, I, nbytes), vision_pass(size, s["micro"] * s["patches"] * copies, nbytes))
+    logits = 3 * seqs * s["T"] * size["text"].vocab_size * 4
+    gathered = (2 * size["largest_block"] + size["root"]) * nbytes if s["world"] > 1 else 0
+    return layer + logits + gathered
+
+
+def line(parts):
+    """One line: the peak and what it is made of, in GiB."""
+    phases = ("student fwd+bwd", "generate", "teacher fwd", "optimizer step")
+    static = ", ".join(f"{k} {v / GB:.1f}" for k, v in parts.items() if k not in phases + ("peak",) and v)
+    largest = max((k for k in phases if k in parts), key=parts.get)
+    return f"estimated peak {parts['peak'] / GB:.1f} GiB per device: {static}, + {largest} {parts[largest] / GB:.1f}"
+
+
+def check(args, frozen=(), group=1):
+    """Before the models load: print the estimate; with a CUDA device whose free memory is smaller, refuse in one
+    line (--force starts anyway)."""
+    parts = estimate(args, frozen, group, world=fsdp.world())
+    if fsdp.rank() == 0:
+        print("memory: " + line(parts))
+    if torch.cuda.is_available() and not args.force:
+        free = torch.cuda.mem_get_info()[0]
+        if parts["peak"] > free:
+            raise data.DataError(f"the run needs about {parts['peak'] / GB:.1f} GiB per GPU, this GPU has "
+                                 f"{free / GB:.1f} GiB free: lower --micro-batch or --max-frames, add "
+                                 "--gradient-checkpointing / --bf16, use more GPUs (torchrun), or --force")
+    return parts

@@ -1,0 +1,88 @@
+"""memory.estimate (the line every training script prints before its models load) against what autograd keeps and
+what a run holds."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import grpo
+import memory
+import opd
+from conftest import REPO
+
+BENCH = REPO / "tests" / "bench_real_dims.py"
+sys.path.insert(0, str(BENCH.parent))
+import bench_real_dims as bench  # noqa: E402  (its model builder, processor and one-step runner)
+
+
+def saved_bytes(config, tokens, bf16):
+    """Bytes of the tensors autograd keeps for backward in a Qwen3-VL text model's forward over `tokens`."""
+    from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLTextModel
+    model = Qwen3VLTextModel(config)
+    storages = {}  # a tensor saved by several ops (or views of one) is held once
+
+    def keep(t):
+        if not isinstance(t, torch.nn.Parameter):
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t), \
+            torch.autocast("cpu", torch.bfloat16, enabled=bf16):
+        model(inputs_embeds=torch.randn(1, tokens, config.hidden_size))
+    return sum(storages.values())
+
+
+def test_activation_sizes_are_what_autograd_keeps():
+    """ACTIVATION's bytes per token and layer, at widths the fit did not use, fp32 and bf16: within 5%."""
+    from transformers import Qwen3VLTextConfig
+    rope = {"rope_type": "default", "rope_theta": 5e6, "mrope_section": [12, 10, 10], "mrope_interleaved": True}
+    config = Qwen3VLTextConfig(hidden_size=384, intermediate_size=1024, num_hidden_layers=2, num_attention_heads=6,
+                               num_key_value_heads=2, head_dim=64, vocab_size=64, rope_parameters=rope)
+    config._attn_implementation = "sdpa"
+    for bf16 in (False, True):
+        measured = (saved_bytes(config, 512, bf16) - saved_bytes(config, 256, bf16)) / 256 / 2
+        counted = memory.layer_activations(1, 384, 1024, 6 * 64, 2 * 64, bf16)
+        assert abs(measured - counted) / counted < 0.05, (bf16, measured, counted)
+
+
+@pytest.fixture(scope="module")
+def reduced(tmp_path_factory):
+    """A student (4 text layers) and a teacher (2) of real Qwen3-VL structure at reduced widths with the real
+    vocabulary, and one query on a real-length video (the Charades clip, or a synthetic one of its size)."""
+    folder = tmp_path_factory.mktemp("reduced")
+    small = dict(text=bench.REAL_2B["text"] | dict(hidden_size=512, intermediate_size=1536, num_attention_heads=8,
+                                                    num_key_value_heads=4, head_dim=64,
+                                                    rope_parameters=bench.ROPE | dict(mrope_section=[12, 10, 10])),
+                 vision=bench.REAL_2B["vision"] | dict(hidden_size=256, intermediate_size=1024, num_heads=4,
+                                                        out_hidden_size=512),
+                 tie_word_embeddings=True)
+    processor = bench.make_processor(str(folder / "processor"))
+    paths = {"data": bench.make_data(str(folder)), "folder": folder}
+    for name, layers in (("student", 4), ("teacher", 2)):
+        paths[name] = str(folder / name)
+        bench.build_model(paths[name], small, layers, 1, processor)
+    return paths
+
+
+@pytest.mark.parametrize("script", ["opd.py", "grpo.py"])
+def test_estimate_is_within_15_percent_of_a_measured_step(reduced, script):
+    """One step (no gradient checkpointing, so activations are a large part; GRPO: 4 rollouts in grouped_logits'
+    packed rows) on a real-length video: the process's peak resident memory over what it held before loading a
+    model vs the estimate the run itself printed."""
+    cls, frozen, group = (opd.Args, [reduced["teacher"]], 1) if script == "opd.py" else (grpo.GRPOArgs, [], 4)
+    own = dict(teacher=reduced["teacher"], loss="sampled") if script == "opd.py" else dict(group_size=group)
+    args = cls(student=reduced["student"], data=reduced["data"], out=str(reduced["folder"] / script[:-3]), steps=1,
+               prompts_per_step=1, micro_batch=1, max_new_tokens=16, num_workers=0, **own)
+    names = ["student", "data", "out", "steps", "prompts_per_step", "micro_batch", "max_new_tokens", "num_workers"]
+    names += list(own)
+    flags = [f"--{k.replace('_', '-')}={getattr(args, k)}" for k in names]
+    measured_json = reduced["folder"] / f"{script}.measured.json"
+    subprocess.run([sys.executable, str(BENCH), "--child", script, str(measured_json), *flags], check=True,
+                   cwd=REPO, stdout=subprocess.DEVNULL, env=os.environ | bench.LIVE_MEMORY)
+    rss = json.loads(measured_json.read_text())
+    measured = (max(rss["peak_rss_mb"].values()) - rss["start_rss_mb"]) * 2 ** 20
+    estimated = memory.estimate(args, frozen, group, cuda=False, first_step=True)
+    assert rss["estimate_mb"]["peak"] == round(estimated["peak"] / 2 ** 20)  # what the run printed
+    assert 0.85 < measured / estimated["peak"] < 1.15, (measured / memory.GB, memory.line(estimated))
