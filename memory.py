@@ -24,7 +24,7 @@ ACTIVATION = {False: (16, 16, 16, 26), True: (8, 10, 10, 28)}
 
 def model_size(path):
     """A model's sizes from its config alone -> dict(config, params, vision, largest_block (the largest FSDP unit),
-    root (what no block holds: embeddings, LM head), text, vision_config, deepstack)."""
+    largest_weight, root (what no block holds: embeddings, LM head), text, vision_config, deepstack)."""
     from transformers import AutoConfig, AutoModelForImageTextToText
     config = AutoConfig.from_pretrained(path)
     with torch.device("meta"):
@@ -33,6 +33,7 @@ def model_size(path):
     blocks = [count(m) for m in model.modules() if type(m).__name__ in model._no_split_modules]
     vision = config.vision_config
     return dict(config=config, params=count(model), vision=count(model.model.visual), largest_block=max(blocks),
+                largest_weight=max(p.numel() for p in model.parameters()),
                 root=count(model) - sum(blocks), text=config.get_text_config(), vision_config=vision,
                 deepstack=len(getattr(vision, "deepstack_visual_indexes", []) or []))
 
@@ -106,10 +107,12 @@ def estimate(args, frozen=(), group=1, world=1, cuda=None, first_step=False):
     phases = {"student fwd+bwd": training(args, student, trainable, shape),
               "generate": generation(student, shape),
               "teacher fwd": max([scoring(size, nbytes, shape) for size, nbytes in teachers], default=0)}
-    # the gradients, and the one temporary of their size that AdamW's foreach step makes (the sqrt of its moments)
-    phases["optimizer step"] = 8 * trainable / world
+    # the gradients, and AdamW's temporaries: on a GPU its foreach step makes one of every weight's size at once
+    # (the sqrt of the second moments), on CPU its loop makes two of one weight's size at a time
+    temporary = trainable / world if cuda else 2 * student["largest_weight"]
+    phases["optimizer step"] = 4 * trainable / world + 4 * temporary
     if first_step:
-        phases["optimizer step"] += parts.pop("AdamW moments")
+        phases["optimizer step"] += parts.pop("AdamW moments")  # made at the step, after the activations are freed
     static = sum(parts.values())
     parts.update(phases)
     parts["peak"] = static + max(phases.values())
