@@ -116,10 +116,9 @@ def start_run(args, models=("student", "teacher"), frozen=None):
     data.load_samples(args.data, args.video_root, args.skip_bad)
     if args.eval_data:
         data.load_samples(args.eval_data, args.video_root, args.skip_bad)
-    group = getattr(args, "group_size", getattr(args, "rollouts_per_prompt", 1))
     frozen = ("teacher",) if frozen is None and "teacher" in models else frozen or ()
-    memory.check(args, [(getattr(args, f[0]), f[1]) if isinstance(f, tuple) else getattr(args, f) for f in frozen],
-                 group)
+    paths = [(getattr(args, f[0]), f[1]) if isinstance(f, tuple) else getattr(args, f) for f in frozen]
+    memory.check(args, paths, getattr(args, "group_size", getattr(args, "rollouts_per_prompt", 1)))
     if getattr(args, "resume", False):
         if not os.path.exists(f"{args.out}/checkpoint/step.json"):
             raise data.DataError(f"--resume: no checkpoint in {args.out}/checkpoint")

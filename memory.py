@@ -6,8 +6,8 @@
 Counted, not measured: the parameters of each model (built from its config on the meta device: no weight is read),
 the longest training prompt (encoded once: its tokens and video patches), the step's layout (opd.collect keeps
 every rollout of the step, with its video, until opd.update has used them) and per-token activation sizes of one
-Qwen3 decoder layer (ACTIVATION). README "One 80 GB GPU" compares the estimate with measured peaks
-(tests/bench_real_dims.py); tests/test_memory.py checks it against a measured run at reduced depth.
+Qwen3 decoder layer (ACTIVATION). README "Memory per GPU" compares the estimate with measured peaks
+(tests/bench_real_dims.py); tests/test_memory.py checks it against measured steps at reduced widths.
 """
 import torch
 
@@ -174,9 +174,10 @@ def scoring(size, nbytes, s):
 def line(parts):
     """One line: the peak and what it is made of, in GiB."""
     phases = ("student fwd+bwd", "generate", "teacher fwd", "optimizer step")
-    static = ", ".join(f"{k} {v / GB:.1f}" for k, v in parts.items() if k not in phases + ("peak",) and v)
+    gib = lambda n: f"{n / GB:.1f}" if n >= GB else f"{n / GB:.3f}"  # the miniature's models are a few MB
+    static = ", ".join(f"{k} {gib(v)}" for k, v in parts.items() if k not in phases + ("peak",) and v)
     largest = max((k for k in phases if k in parts), key=parts.get)
-    return f"estimated peak {parts['peak'] / GB:.1f} GiB per device: {static}, + {largest} {parts[largest] / GB:.1f}"
+    return f"estimated peak {gib(parts['peak'])} GiB per device: {static}, + {largest} {gib(parts[largest])}"
 
 
 def check(args, frozen=(), group=1):

@@ -86,3 +86,19 @@ def test_estimate_is_within_15_percent_of_a_measured_step(reduced, script):
     estimated = memory.estimate(args, frozen, group, cuda=False, first_step=True)
     assert rss["estimate_mb"]["peak"] == round(estimated["peak"] / 2 ** 20)  # what the run printed
     assert 0.85 < measured / estimated["peak"] < 1.15, (measured / memory.GB, memory.line(estimated))
+
+
+def test_a_gpu_with_less_free_memory_is_refused_unless_forced(tiny, monkeypatch, capsys):
+    """With a CUDA device whose free memory is below the estimate: one line naming both, and --force runs on."""
+    import data
+    args = opd.Args(student=tiny["student"], teacher=tiny["teacher"], data=tiny["train"], max_new_tokens=24)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda: (2 ** 20, 80 * 2 ** 30))  # 1 MiB free
+    with pytest.raises(data.DataError, match=r"needs about .* GiB per GPU, this GPU has 0.0 GiB free.*--force"):
+        memory.check(args, [args.teacher])
+    args.force = True
+    parts = memory.check(args, [args.teacher])
+    assert parts["peak"] > 2 ** 20 and "estimated peak" in capsys.readouterr().out
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda: (80 * 2 ** 30, 80 * 2 ** 30))
+    args.force = False
+    assert memory.check(args, [args.teacher])["peak"] < 80 * 2 ** 30  # the miniature fits
