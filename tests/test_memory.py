@@ -52,12 +52,10 @@ def reduced(tmp_path_factory):
     """A student (4 text layers) and a teacher (2) of real Qwen3-VL structure at reduced widths with the real
     vocabulary, and one query on a real-length video (the Charades clip, or a synthetic one of its size)."""
     folder = tmp_path_factory.mktemp("reduced")
-    small = dict(text=bench.REAL_2B["text"] | dict(hidden_size=512, intermediate_size=1536, num_attention_heads=8,
-                                                    num_key_value_heads=4, head_dim=64,
-                                                    rope_parameters=bench.ROPE | dict(mrope_section=[12, 10, 10])),
-                 vision=bench.REAL_2B["vision"] | dict(hidden_size=256, intermediate_size=1024, num_heads=4,
-                                                        out_hidden_size=512),
-                 tie_word_embeddings=True)
+    text = dict(hidden_size=512, intermediate_size=1536, num_attention_heads=8, num_key_value_heads=4, head_dim=64,
+                rope_parameters=bench.ROPE | dict(mrope_section=[12, 10, 10]))
+    vision = dict(hidden_size=256, intermediate_size=1024, num_heads=4, out_hidden_size=512)
+    small = dict(text=bench.REAL_2B["text"] | text, vision=bench.REAL_2B["vision"] | vision, tie_word_embeddings=True)
     processor = bench.make_processor(str(folder / "processor"))
     paths = {"data": bench.make_data(str(folder)), "folder": folder}
     for name, layers in (("student", 4), ("teacher", 2)):
