@@ -133,10 +133,11 @@ def test_clip_shows_the_shape_during_its_interval_only(tmp_path):
 
 @pytest.mark.slow
 def test_full_build_meets_its_targets(tmp_path):
-    """The default miniature (minutes): a good teacher and a weaker student that still uses the video."""
+    """The default miniature (minutes): a good teacher, not a perfect one (headroom), and a weaker student that still
+    uses the video."""
     paths = toy.build(str(tmp_path / "toy"))
     m = json.load(open(paths["metrics"]))
-    assert m["teacher"]["mIoU"] >= 75
+    assert 80 <= m["teacher"]["mIoU"] <= 92
     assert m["student"]["parseable"] >= 95 and m["student"]["distinct"] >= 10
     assert m["teacher"]["mIoU"] - m["student"]["mIoU"] >= 20
     # the weaker teacher: clearly imperfect, still clearly above the student
