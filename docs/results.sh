@@ -10,7 +10,9 @@
 #   4. the curriculum and on- vs off-policy on the noisy pool (train_noisy.jsonl) with the weaker teacher, 3 seeds,
 #      two at a time;
 #   5. GRPO at OPD's 16 prompts per step, one at a time; the tables: runs/results/compare.json (headline, target
-#      GRPO's best), compare-16x8.json (target GRPO 16 x 8's best) and noisy.json.
+#      GRPO's best), compare-16x8.json (target GRPO 16 x 8's best) and noisy.json;
+#   6. the neighbours, 3 seeds, two at a time: VA-OPD and its control, VISD against step 3's GRPO, TEMPO on the
+#      temporally rich clips, on all clips and as Pre-SFT alignment (va.json, visd.json, tempo.json).
 # Runs that already finished are kept (a script refuses to overwrite a finished run), so it can be resumed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -81,3 +83,21 @@ python eval.py --compare $R/{opd,opd-sampled,grpo,grpo-16x8}-s{0,1,2} --baseline
 # the second row: the target is GRPO 16 x 8's best
 python eval.py --compare $R/{opd,opd-sampled,grpo,grpo-16x8}-s{0,1,2} --baseline $R/grpo-16x8 \
     --compare-out $R/compare-16x8
+
+# 6. the neighbours (not timed: two at a time). VA-OPD and its control (OPD with VA-OPD's sampling, 4 prompts x 4
+#    rollouts at T 0.7, no VA) at OPD's lr; VISD at GRPO's lr and budget, against step 3's GRPO runs; TEMPO (DPO on
+#    clean vs perturbed-video answers) on the temporally rich clips, on all clips, and halfway through the SFT
+{
+  for s in 0 1 2; do
+    for run in "va_opd.py --lr $OPD_LR --out $R/va/va-opd-s$s" \
+               "opd.py --lr $OPD_LR --prompts-per-step 4 --rollouts-per-prompt 4 --temperature 0.7 --out $R/va/control-s$s" \
+               "visd.py --lr $GRPO_LR --out $R/visd-s$s" \
+               "dpo.py --out $R/tempo/selected-s$s" "dpo.py --min-changes 0 --out $R/tempo/all-s$s" \
+               "dpo.py --pre-sft --out $R/tempo/pre-sft-s$s"; do
+      [ -d "$(echo $run | sed 's/.*--out //')/final" ] || echo "python $run --seed $s"
+    done
+  done
+} | two_at_a_time
+python eval.py --compare $R/va/{va-opd,control}-s{0,1,2} --compare-out $R/va
+python eval.py --compare $R/{visd,grpo}-s{0,1,2} --compare-out $R/visd
+python eval.py --compare $R/tempo/{selected,all,pre-sft}-s{0,1,2} --compare-out $R/tempo
