@@ -68,7 +68,8 @@ class DPOArgs(opd.Args):
 
 
 # The same miniature budget as opd.MINIATURE (200 steps of 16 prompts, one pair each; eval every 25 steps, so
-# every 50-step stage ends on an evaluation). lr: the best of 1e-3 / 1e-4 / 1e-5 on seed 0 (README, "TEMPO").
+# every 50-step stage ends on an evaluation). lr: the best of 1e-3 / 1e-4 / 1e-5 on seed 0 (docs/results.md,
+# "The earlier miniature").
 # min_changes 2: a miniature clip has at most two scene changes (its shape appears, its shape goes).
 MINIATURE = opd.MINIATURE | dict(lr=1e-5, min_changes=2)
 BOUNDS = opd.BOUNDS | dict(beta=(0, False), min_changes=(0, True))

@@ -53,16 +53,16 @@ class ToyConfig:
     seconds: int = 8          # clip length; answers are whole seconds in [0, seconds]
     src_fps: int = 4          # frames per second written to the mp4 (load_video samples 2 fps of them)
     frame: int = 32           # frame side in pixels: 32x32 = 2x2 patches -> 1 video token per frame pair
-    shapes: int = 1           # shapes per clip (1-3; see the README's "The miniature" for why 1 by default)
+    shapes: int = 1           # shapes per clip (1-3; why 1 by default: docs/LOG.md)
     n_train: int = 2000
     n_test: int = 128
     n_val: int = 128          # validation clips (val.jsonl): SFT's stop and every tuning; never the test clips
     noisy_share: float = 0.2  # of train_noisy.jsonl's spans, the share replaced by a wrong one (see make_noisy)
     student: tuple = (80, 3, 64, 1)  # (text hidden, text layers, vision hidden, vision depth); why 80: docs/LOG.md
     teacher: tuple = (96, 3, 64, 1)
-    student_seed: int = 1     # its init; seed 7 never met its stop under transformers 5.25 (README, "The miniature")
+    student_seed: int = 1     # its init; seed 7 never met its stop under transformers 5.25 (docs/LOG.md)
     student_steps: int = 1500  # at most: the student stops as soon as it grounds a little (see build)
-    teacher_steps: int = 1200  # the cosine schedule's length (it stops earlier); why not 2,500: README, "The miniature"
+    teacher_steps: int = 1200  # the cosine schedule's length (it stops earlier); why not 2,500: docs/LOG.md
     teacher_stop: float = 90.0  # validation mIoU: good, not perfect (at 95 it left no headroom: docs/LOG.md)
     weak_teacher_stop: float = 78.0  # the weaker teacher's: clearly between the teacher and the student
     batch: int = 16
@@ -93,7 +93,7 @@ def make_clip(path, rng, cfg):
     """Write one clip; return [(query, (start, end))] for its shapes (distinct colours, own intervals).
 
     Each shape fills its own quadrant of the frame (one 16x16 vision patch) and the grey background brightens second
-    by second: with small shapes tiny models sat on a constant answer (README, "The miniature").
+    by second: with small shapes tiny models sat on a constant answer (docs/LOG.md).
     """
     import av
     colours = rng.sample(list(COLOURS), cfg.shapes)
@@ -304,7 +304,7 @@ def sft(model, processor, samples, videos, steps, cfg, desc, val=None, stop=None
         state = dict(opt=opt, sched=sched, rng=random.Random(cfg.seed), step=0, items=items, judged=judged)
     opt, sched, rng, items, judged = (state[k] for k in ("opt", "sched", "rng", "items", "judged"))
     metrics, step, threads = None, state["step"], torch.get_num_threads()
-    # one thread (ours): the SFT is chaotic, the thread count changes the order of float sums (README, "The miniature")
+    # one thread (ours): the SFT is chaotic, the thread count changes the order of float sums (docs/LOG.md)
     torch.set_num_threads(1)
     bar = tqdm(range(step + 1, (until or steps) + 1), desc=f"{desc} (up to {steps} steps)" if stop else desc)
     for step in bar:
@@ -408,8 +408,8 @@ def build(out=REBUILD, cfg=None):
                                             stop=lambda m: m["mIoU"] >= 40 and m["distinct"] >= 10, eval_every=10,
                                             feedback_share=cfg.feedback_share)
     save(student, "student")
-    if report["student_sft_steps"] == cfg.student_steps:  # a knife-edge (README, "The miniature"): say so
-        print("warning: the student never met its stop: this is not the miniature the README's numbers come from")
+    if report["student_sft_steps"] == cfg.student_steps:  # a knife-edge (docs/LOG.md): say so
+        print("warning: the student never met its stop: this is not the miniature docs/results.md's numbers come from")
     # can it read VISD's feedback? greedy mIoU with the judge's verdict on its own greedy answer in the prompt
     verdicts = [ev.judge(a, s)["feedback"] for a, s in zip(greedy_answers(student, processor, test, test_v), test)]
     report["student"]["mIoU_with_feedback"] = toy_metrics(student, processor, test, test_v, verdicts)["mIoU"]

@@ -14,7 +14,8 @@ log.jsonl and a 20 ms sampler of the process's resident memory: time per phase, 
 process's memory before any model loads, start_rss_mb), the run's own memory.estimate (estimate_mb), and the
 work per phase: vision-tower patches and LLM tokens each model ran on. `--sharing both` runs each step twice, as
 trained (rollout.share: each video once, a group's prompt once) and with --no-share-prompt (a copy per rollout).
-The difference between two text depths is one text layer's share; README "Performance" scales it to full depth.
+The difference between two text depths is one text layer's share; docs/results.md ("Memory per GPU") scales it
+to full depth.
 Prints one JSON line per configuration.
 """
 import argparse

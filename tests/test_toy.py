@@ -101,7 +101,7 @@ def test_build_is_cached(tiny):
 
 
 def test_build_does_not_depend_on_the_thread_count(tiny, tmp_path):
-    """The SFT is chaotic: with 1 vs 2 threads the same build gave different models (README, "The miniature"), so
+    """The SFT is chaotic: with 1 vs 2 threads the same build gave different models (docs/LOG.md), so
     its SFT runs on one thread and gives the caller's count back."""
     import torch
     from safetensors.torch import load_file
