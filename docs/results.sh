@@ -40,7 +40,7 @@ EOF
 }
 GRPO_LR=$(best_lr grpo); SAMPLED_LR=$(best_lr opd-sampled); OPD_LR=$(best_lr opd)
 echo "chosen on validation: GRPO lr $GRPO_LR, OPD (Eq. 5-6) lr $SAMPLED_LR, OPD (full KL) lr $OPD_LR"
-# the plateaus: GRPO's and the sampled estimator's chosen grid runs continued (--resume) to 2,000 and 800 steps
+# the plateaus: the chosen grid runs continued (--resume): GRPO's to 2,000 steps, Eq. 5-6's to 800, the full KL's to 400
 plateau() {  # $1 grid run, $2 its copy, $3 steps, then the script and its flags
   local from=$1 to=$2 steps=$3; shift 3
   grep -q "\"step\": $steps," $to/log.jsonl 2>/dev/null && return
@@ -50,13 +50,15 @@ plateau() {  # $1 grid run, $2 its copy, $3 steps, then the script and its flags
 plateau $R/grid/grpo-lr$GRPO_LR $R/grid/grpo-plateau-lr$GRPO_LR 2000 grpo.py --lr $GRPO_LR
 plateau $R/grid/opd-sampled-lr$SAMPLED_LR $R/grid/sampled-plateau-lr$SAMPLED_LR 800 \
     opd.py --loss sampled --lr $SAMPLED_LR
+plateau $R/grid/opd-lr$OPD_LR $R/grid/opd-plateau-lr$OPD_LR 400 opd.py --lr $OPD_LR
 
-# 3. three seeds each, one at a time, each at its plateau budget (GRPO's default; Eq. 5-6: 400 steps, see above)
+# 3. three seeds each, one at a time, each at its plateau budget (GRPO's default 1,500 steps; Eq. 5-6: 700 steps,
+#    past its first best at 650 on 2026-12-06; the full KL: 300, its first best, then flat to 400)
 for s in 0 1 2; do
   [ -d $R/grpo-s$s/final ] || python grpo.py --lr $GRPO_LR --seed $s --out $R/grpo-s$s
-  [ -d $R/opd-sampled-s$s/final ] || python opd.py --loss sampled --lr $SAMPLED_LR --steps 400 --seed $s \
+  [ -d $R/opd-sampled-s$s/final ] || python opd.py --loss sampled --lr $SAMPLED_LR --steps 700 --seed $s \
       --out $R/opd-sampled-s$s
-  [ -d $R/opd-s$s/final ] || python opd.py --lr $OPD_LR --seed $s --out $R/opd-s$s
+  [ -d $R/opd-s$s/final ] || python opd.py --lr $OPD_LR --steps 300 --seed $s --out $R/opd-s$s
 done
 python eval.py --compare $R/{opd,opd-sampled,grpo}-s{0,1,2} --baseline $R/grpo --compare-out $R/compare
 
