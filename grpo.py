@@ -32,8 +32,8 @@ class GRPOArgs(opd.Args):
 
 
 # OPD's rollouts per step (2 prompts x 8 = 16), and GRPO's own lr and budget, tuned on the validation clips like
-# every method: lr 3e-4 of 1e-4 / 3e-4 / 1e-3, and 1,500 steps, past GRPO's plateau (docs/results.md).
-MINIATURE = opd.MINIATURE | dict(prompts_per_step=2, micro_batch=2, lr=3e-4, steps=1500, eval_every=50)
+# every method: lr 1e-4 of 1e-4 / 3e-4 / 1e-3, and 2,500 steps, past GRPO's plateau (docs/results.md).
+MINIATURE = opd.MINIATURE | dict(prompts_per_step=2, micro_batch=2, lr=1e-4, steps=2500, eval_every=50)
 BOUNDS = opd.BOUNDS | dict(group_size=(1, True), ppo_epochs=(1, True), clip_eps=(0, False), beta=(0, True))
 
 

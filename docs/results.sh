@@ -1,7 +1,7 @@
 #!/bin/bash
-# Regenerates every number of the README's "Results in miniature": bash docs/results.sh (from the repo root).
+# Regenerates every number of docs/results.md's first section: bash docs/results.sh (from the repo root).
 #
-# The protocol (the same for every method; README, "Results in miniature"):
+# The protocol (the same for every method; docs/results.md):
 #   1. the shipped miniature (miniature/; toy.py --out DIR rebuilds it);
 #   2. an lr grid per method, seed 0, judged on the validation clips (miniature/val.jsonl, never the test clips),
 #      two runs at a time, one thread each: only their mIoU is read;
@@ -9,10 +9,10 @@
 #      one run at a time with the same two threads, so that their wall-clocks compare (time-to-target, --baseline);
 #   4. the curriculum and on- vs off-policy on the noisy pool (train_noisy.jsonl) with the weaker teacher, 3 seeds,
 #      two at a time;
-#   5. GRPO at OPD's 16 prompts per step, one at a time; the tables: runs/results/compare.json (headline, target
-#      GRPO's best), compare-16x8.json (target GRPO 16 x 8's best) and noisy.json;
-#   6. the neighbours, 3 seeds, two at a time: VA-OPD and its control, VISD against step 3's GRPO, TEMPO on the
-#      temporally rich clips, on all clips and as Pre-SFT alignment (va.json, visd.json, tempo.json).
+#   5. the neighbours, 3 seeds, two at a time: VA-OPD and its control, VISD against step 3's GRPO, TEMPO on the
+#      temporally rich clips, on all clips and as Pre-SFT alignment (va.json, visd.json, tempo.json);
+#   6. GRPO at OPD's 16 prompts per step, one at a time (the slowest step, last); the tables: runs/results/compare.json
+#      (headline, target GRPO's best), compare-16x8.json (target GRPO 16 x 8's best) and noisy.json.
 # Runs that already finished are kept (a script refuses to overwrite a finished run), so it can be resumed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,42 +20,33 @@ R=runs/results
 VAL="--eval-data miniature/val.jsonl"
 two_at_a_time() { xargs -P 2 -I{} sh -c 'OMP_NUM_THREADS=1 {} > /dev/null 2>&1 || echo "failed: {}"'; }
 
-# 2. the lr grid on validation (GRPO for 1,000 steps, to see its plateau)
+# 2. the lr grid on validation, every run as long as a method needs to stop rising: GRPO 3,000 steps, Eq. 5-6 800,
+#    the full KL 400 (on 2026-12-06 a 1,000-step GRPO grid chose 3e-4, while 1e-4, still rising at 1,000, passed it
+#    by 2,000; a grid run cut before its plateau judges the lr by its speed, not by where it ends)
 {
   for lr in 1e-4 3e-4 1e-3; do
-    [ -d $R/grid/grpo-lr$lr/final ] || echo "python grpo.py --lr $lr --steps 1000 --eval-every 50 $VAL --out $R/grid/grpo-lr$lr"
+    [ -d $R/grid/grpo-lr$lr/final ] || echo "python grpo.py --lr $lr --steps 3000 --eval-every 50 $VAL --out $R/grid/grpo-lr$lr"
   done
   for lr in 3e-4 1e-3 3e-3; do
-    [ -d $R/grid/opd-sampled-lr$lr/final ] || echo "python opd.py --loss sampled --lr $lr $VAL --out $R/grid/opd-sampled-lr$lr"
-    [ -d $R/grid/opd-lr$lr/final ] || echo "python opd.py --lr $lr $VAL --out $R/grid/opd-lr$lr"
+    [ -d $R/grid/opd-sampled-lr$lr/final ] || echo "python opd.py --loss sampled --lr $lr --steps 800 $VAL --out $R/grid/opd-sampled-lr$lr"
+    [ -d $R/grid/opd-lr$lr/final ] || echo "python opd.py --lr $lr --steps 400 $VAL --out $R/grid/opd-lr$lr"
   done
 } | two_at_a_time
 best_lr() {  # the grid lr of method $1 with the highest best validation mIoU after step 0 (the start, the same for all)
-  python - "$R/grid" "$1" <<'EOF'
+  python - "$R/grid" "$1" <<'PY'
 import glob, json, sys
 runs = sorted(glob.glob(f"{sys.argv[1]}/{sys.argv[2]}-lr*/log.jsonl"))
 best = lambda p: max(e["eval"]["mIoU"] for e in map(json.loads, open(p)) if "eval" in e and e["step"] > 0)
 print(max(runs, key=best).split("-lr")[-1].split("/")[0])
-EOF
+PY
 }
 GRPO_LR=$(best_lr grpo); SAMPLED_LR=$(best_lr opd-sampled); OPD_LR=$(best_lr opd)
 echo "chosen on validation: GRPO lr $GRPO_LR, OPD (Eq. 5-6) lr $SAMPLED_LR, OPD (full KL) lr $OPD_LR"
-# the plateaus: the chosen grid runs continued (--resume): GRPO's to 2,000 steps, Eq. 5-6's to 800, the full KL's to 400
-plateau() {  # $1 grid run, $2 its copy, $3 steps, then the script and its flags
-  local from=$1 to=$2 steps=$3; shift 3
-  grep -q "\"step\": $steps," $to/log.jsonl 2>/dev/null && return
-  rm -rf $to && cp -r $from $to
-  OMP_NUM_THREADS=1 python "$@" $VAL --eval-every 50 --out $to --resume --steps $steps > /dev/null 2>&1
-}
-plateau $R/grid/grpo-lr$GRPO_LR $R/grid/grpo-plateau-lr$GRPO_LR 2000 grpo.py --lr $GRPO_LR
-plateau $R/grid/opd-sampled-lr$SAMPLED_LR $R/grid/sampled-plateau-lr$SAMPLED_LR 800 \
-    opd.py --loss sampled --lr $SAMPLED_LR
-plateau $R/grid/opd-lr$OPD_LR $R/grid/opd-plateau-lr$OPD_LR 400 opd.py --lr $OPD_LR
 
-# 3. three seeds each, one at a time, each at its plateau budget (GRPO's default 1,500 steps; Eq. 5-6: 700 steps,
-#    past its first best at 650 on 2026-12-06; the full KL: 300, its first best, then flat to 400)
+# 3. three seeds each, one at a time, each at its budget: the chosen grid run's first best on validation, rounded up
+#    (2026-12-06: GRPO 2,150 -> 2,500 steps; Eq. 5-6 650 -> 700; the full KL 300)
 for s in 0 1 2; do
-  [ -d $R/grpo-s$s/final ] || python grpo.py --lr $GRPO_LR --seed $s --out $R/grpo-s$s
+  [ -d $R/grpo-s$s/final ] || python grpo.py --lr $GRPO_LR --steps 2500 --seed $s --out $R/grpo-s$s
   [ -d $R/opd-sampled-s$s/final ] || python opd.py --loss sampled --lr $SAMPLED_LR --steps 700 --seed $s \
       --out $R/opd-sampled-s$s
   [ -d $R/opd-s$s/final ] || python opd.py --lr $OPD_LR --steps 300 --seed $s --out $R/opd-s$s
@@ -75,25 +66,14 @@ N="--data miniature/train_noisy.jsonl --teacher miniature/teacher_weak --lr $OPD
 } | two_at_a_time
 python eval.py --compare $R/noisy/{opd,tvdf,trpv-only,dbtp-only,offpolicy}-s{0,1,2} --compare-out $R/noisy
 
-# 5. equal prompts per step: GRPO with OPD's 16 prompts, 8 rollouts each, one at a time like step 3, run to its
-#    plateau (750 steps: still rising at 200 and at 500, flat from 500 to 750, README); then both rows
-for s in 0 1 2; do
-  [ -d $R/grpo-16x8-s$s/final ] || python grpo.py --lr $GRPO_LR --prompts-per-step 16 --steps 750 --seed $s \
-      --out $R/grpo-16x8-s$s
-done
-python eval.py --compare $R/{opd,opd-sampled,grpo,grpo-16x8}-s{0,1,2} --baseline $R/grpo --compare-out $R/compare
-# the second row: the target is GRPO 16 x 8's best
-python eval.py --compare $R/{opd,opd-sampled,grpo,grpo-16x8}-s{0,1,2} --baseline $R/grpo-16x8 \
-    --compare-out $R/compare-16x8
-
-# 6. the neighbours (not timed: two at a time). VA-OPD and its control (OPD with VA-OPD's sampling, 4 prompts x 4
+# 5. the neighbours (not timed: two at a time). VA-OPD and its control (OPD with VA-OPD's sampling, 4 prompts x 4
 #    rollouts at T 0.7, no VA) at OPD's lr; VISD at GRPO's lr and budget, against step 3's GRPO runs; TEMPO (DPO on
 #    clean vs perturbed-video answers) on the temporally rich clips, on all clips, and halfway through the SFT
 {
   for s in 0 1 2; do
     for run in "va_opd.py --lr $OPD_LR --out $R/va/va-opd-s$s" \
                "opd.py --lr $OPD_LR --prompts-per-step 4 --rollouts-per-prompt 4 --temperature 0.7 --out $R/va/control-s$s" \
-               "visd.py --lr $GRPO_LR --out $R/visd-s$s" \
+               "visd.py --lr $GRPO_LR --steps 2500 --out $R/visd-s$s" \
                "dpo.py --out $R/tempo/selected-s$s" "dpo.py --min-changes 0 --out $R/tempo/all-s$s" \
                "dpo.py --pre-sft --out $R/tempo/pre-sft-s$s"; do
       [ -d "$(echo $run | sed 's/.*--out //')/final" ] || echo "python $run --seed $s"
@@ -103,3 +83,15 @@ python eval.py --compare $R/{opd,opd-sampled,grpo,grpo-16x8}-s{0,1,2} --baseline
 python eval.py --compare $R/va/{va-opd,control}-s{0,1,2} --compare-out $R/va
 python eval.py --compare $R/{visd,grpo}-s{0,1,2} --compare-out $R/visd
 python eval.py --compare $R/tempo/{selected,all,pre-sft}-s{0,1,2} --compare-out $R/tempo
+
+# 6. equal prompts per step: GRPO with OPD's 16 prompts, 8 rollouts each, one at a time like step 3, run to its
+#    plateau (750 steps on the 2026-12-03 build: flat from 500 to 750, docs/results.md); then both rows
+for s in 0 1 2; do
+  [ -d $R/grpo-16x8-s$s/final ] || python grpo.py --lr $GRPO_LR --prompts-per-step 16 --steps 750 --seed $s \
+      --out $R/grpo-16x8-s$s
+done
+python eval.py --compare $R/{opd,opd-sampled,grpo,grpo-16x8}-s{0,1,2} --baseline $R/grpo --compare-out $R/compare
+# the second row: the target is GRPO 16 x 8's best
+python eval.py --compare $R/{opd,opd-sampled,grpo,grpo-16x8}-s{0,1,2} --baseline $R/grpo-16x8 \
+    --compare-out $R/compare-16x8
+
