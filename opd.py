@@ -77,8 +77,8 @@ class Args:
 # The miniature's own settings, used unless a model or data outside the miniature is named (cli.of_miniature).
 # Tiny random-init models need a far larger learning rate than 1e-6, and on a ~400-token vocabulary the exact KL is
 # cheap and gives the direction to the right digit instead of only "not this digit". lr: fullkl 1e-3 of 3e-4 /
-# 1e-3 / 3e-3 on the validation clips (docs/results.md); the sampled estimator's best is 3e-4, and it needs
-# more steps: pass --loss sampled --lr 3e-4 --steps 700. The 200 steps keep the quick start short; the full KL's
+# 1e-3 / 3e-3 on the validation clips (docs/results.md); the sampled estimator's is 1e-3 too, and it needs
+# more steps: pass --loss sampled --steps 800. The 200 steps keep the quick start short; the full KL's
 # plateau on validation comes at 300 (--steps 300, as the results' runs).
 MINIATURE = dict(steps=200, prompts_per_step=16, micro_batch=16, lr=1e-3, warmup_steps=5, max_new_tokens=24,
                  loss="fullkl", eval_every=25, save_every=100)

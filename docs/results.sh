@@ -44,10 +44,10 @@ GRPO_LR=$(best_lr grpo); SAMPLED_LR=$(best_lr opd-sampled); OPD_LR=$(best_lr opd
 echo "chosen on validation: GRPO lr $GRPO_LR, OPD (Eq. 5-6) lr $SAMPLED_LR, OPD (full KL) lr $OPD_LR"
 
 # 3. three seeds each, one at a time, each at its budget: the chosen grid run's first best on validation, rounded up
-#    (2026-12-06: GRPO 2,150 -> 2,500 steps; Eq. 5-6 650 -> 700; the full KL 300)
+#    (2026-12-06: GRPO 2,500 steps, set when it was flat from 2,150 to 2,950; Eq. 5-6 800; the full KL 300)
 for s in 0 1 2; do
   [ -d $R/grpo-s$s/final ] || python grpo.py --lr $GRPO_LR --steps 2500 --seed $s --out $R/grpo-s$s
-  [ -d $R/opd-sampled-s$s/final ] || python opd.py --loss sampled --lr $SAMPLED_LR --steps 700 --seed $s \
+  [ -d $R/opd-sampled-s$s/final ] || python opd.py --loss sampled --lr $SAMPLED_LR --steps 800 --seed $s \
       --out $R/opd-sampled-s$s
   [ -d $R/opd-s$s/final ] || python opd.py --lr $OPD_LR --steps 300 --seed $s --out $R/opd-s$s
 done
