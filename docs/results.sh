@@ -52,6 +52,10 @@ for s in 0 1 2; do
   [ -d $R/opd-s$s/final ] || python opd.py --lr $OPD_LR --steps 300 --seed $s --out $R/opd-s$s
 done
 python eval.py --compare $R/{opd,opd-sampled,grpo}-s{0,1,2} --baseline $R/grpo --compare-out $R/compare
+# two lower targets, chosen after the 2026-12-06 runs (not the protocol's): mIoU 85 and the teacher's 89.5
+for t in 85 89.5; do
+  python eval.py --compare $R/{opd,opd-sampled,grpo}-s{0,1,2} --target $t --compare-out $R/compare-target$t
+done
 
 # 4. the noisy pool and the weaker teacher: OPD, OPD + TVDF, its two parts, off-policy
 N="--data miniature/train_noisy.jsonl --teacher miniature/teacher_weak --lr $OPD_LR"
