@@ -98,4 +98,3 @@ python eval.py --compare $R/{opd,opd-sampled,grpo,grpo-16x8}-s{0,1,2} --baseline
 # the second row: the target is GRPO 16 x 8's best
 python eval.py --compare $R/{opd,opd-sampled,grpo,grpo-16x8}-s{0,1,2} --baseline $R/grpo-16x8 \
     --compare-out $R/compare-16x8
-
