@@ -7,7 +7,7 @@
 With no --model/--data it evaluates the shipped miniature teacher on the miniature test set.
 Prints R1@0.3/0.5/0.7 and mIoU; writes one JSON line per query to OUT/preds.jsonl beside OUT/setup.json (model,
 data, decoding settings); an interrupted run resumes there, and only with the same setup.
---compare reads training runs' log.jsonl files and prints/plots their evaluation curves side by side (report.py).
+--compare reads training runs' log.jsonl files and prints/plots their evaluation curves side by side (lib/report.py).
 """
 import argparse
 import json
@@ -16,8 +16,8 @@ import os
 from tqdm import tqdm
 
 import data
-import report
 import rollout
+from lib import report
 
 THRESHOLDS = (0.3, 0.5, 0.7)
 
@@ -66,7 +66,7 @@ def judge(answer, sample, tolerance=0.25):
     feedback is the verdict as one line of text, the teacher's privileged information (visd.py), e.g.
     "Judge: IoU 0.33; a span, start before end; start 2.0 s too early, it is 4.0; end correct, it is 6.0."
     Ours: VISD's judge is an LLM writing free text; the tolerance (0.25 s, half the miniature's answer grid) too; and
-    each boundary's true value is always named, so that reading the feedback is one skill (toy.feedback_prompts).
+    each boundary's true value is always named, so that reading the feedback is one skill (lib/miniature.py's feedback_prompts).
     """
     truth = sample.span
     span = data.parse_span(answer)
@@ -149,7 +149,7 @@ def parse_args():
             raise data.DataError(f"--{flag.replace('_', '-')} must be >= 1 (got {getattr(args, flag)})")
     if args.model:
         rollout.check_model("model", args.model)
-    if not args.model or not args.data:  # the shipped miniature's (toy.py imports this file, so not toy.MINIATURE)
+    if not args.model or not args.data:  # the shipped miniature's (lib/miniature.py imports this file)
         mini = os.path.join(os.path.dirname(os.path.abspath(__file__)), "miniature")
         args.model, args.data = args.model or f"{mini}/teacher", args.data or f"{mini}/test.jsonl"
     return args

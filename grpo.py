@@ -12,11 +12,10 @@ from dataclasses import dataclass
 
 import torch
 
-import cli
 import data
-import fsdp
 import opd
 import rollout
+from lib import cli, fsdp, run
 
 
 @dataclass
@@ -34,7 +33,6 @@ class GRPOArgs(opd.Args):
 # OPD's rollouts per step (2 prompts x 8 = 16), and GRPO's own lr and budget, tuned on the validation clips like
 # every method: lr 1e-4 of 1e-4 / 3e-4 / 1e-3, and 2,500 steps, past GRPO's plateau (docs/results.md).
 MINIATURE = opd.MINIATURE | dict(prompts_per_step=2, micro_batch=2, lr=1e-4, steps=2500, eval_every=50)
-BOUNDS = opd.BOUNDS | dict(group_size=(1, True), ppo_epochs=(1, True), clip_eps=(0, False), beta=(0, True))
 
 
 def group_advantages(rewards, group_size, scale=False):
@@ -72,7 +70,7 @@ def make_score(args, ref, forbidden):
 
 
 def main():
-    args = cli.parse(GRPOArgs, MINIATURE, drop=opd.DISTILLATION_ONLY, choices=opd.CHOICES, bounds=BOUNDS)
+    args = cli.parse(GRPOArgs, MINIATURE, drop=cli.DISTILLATION_ONLY, bounds=dict(beta=(0, True)))
     fsdp.init_distributed()
     cli.start_run(args, models=("student",), frozen=("student",) if args.beta else ())
     torch.manual_seed(args.seed)
@@ -87,7 +85,7 @@ def main():
 
     evals = opd.train(args, student, processor, score, loss_fn, group=args.group_size, epochs=args.ppo_epochs,
                       token_mean=True)  # grpo_loss is a mean over the step's tokens
-    opd.finish(args, student, processor, evals)
+    run.finish(args, student, processor, evals)
 
 
 if __name__ == "__main__":

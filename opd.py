@@ -8,37 +8,27 @@ with the *same video tensors*; the per-token reward is the teacher-student log-r
 policy gradient of the reverse KL(student || teacher) (Eq. 6): no clipping, no reference KL, no discount.
 
 This file holds the OPD losses, the teacher's `score`, and the training loop that every other method reuses
-(grpo.py, tvdf.py, dpo.py, va_opd.py, visd.py differ only in `score` / `loss`, i.e. in where the per-token
-advantage comes from). Sampling and the log-probs of the sampled tokens are in rollout.py, the metrics in eval.py,
-the command line and the run folder (resume, log.jsonl, checkpoints, Ctrl-C) in cli.py, torchrun + FSDP2 in fsdp.py.
-Marks for a fork: ALGO LOGIC (the losses, `distillation`, `collect`, `update`) is the method; TRY NOT TO MODIFY
-is plumbing.
+(grpo.py, tvdf.py and neighbours/ differ only in `score` / `loss_fn`, i.e. in where the per-token advantage comes
+from). Sampling and the log-probs of the sampled tokens are in rollout.py, the metrics in eval.py. ALGO LOGIC marks
+the method; each piece of plumbing (command line, run folder, prefetching, FSDP) is one call into lib/.
 """
-import functools
-import json
-import os
-import random
-import time
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
-from tqdm import tqdm
 
-import cli
 import data
 import eval as ev
-import fsdp
 import rollout
+from lib import cli, fsdp, run
 
 
 @dataclass
-class Args:
+class Args(cli.RunArgs):
+    out: str = "runs/opd"           # run folder: log.jsonl, checkpoint/, final/
     student: str = None             # student model: hub id or folder (default: the miniature student)
     teacher: str = None             # teacher model, same tokenizer (default: the miniature teacher)
     data: str = None                # training annotations, any format data.py reads (default: miniature train)
-    eval_data: str = None           # test annotations for periodic greedy evaluation (default: miniature test)
-    video_root: str = None          # folder with the videos (default: each annotation file's folder)
-    out: str = "runs/opd"           # run folder: log.jsonl, checkpoint/, final/
     steps: int = 100                # optimizer steps
     prompts_per_step: int = 32      # (video, query) prompts per optimizer step (paper: batch 32, Sec. 4.1)
     rollouts_per_prompt: int = 1    # sampled completions per prompt (paper: 1, Sec. 3.1)
@@ -51,27 +41,15 @@ class Args:
     #                                 logits / temperature (ours: the paper gives none; T 1 samples the policy
     #                                 itself, and one temperature keeps sampling and scoring one distribution)
     max_new_tokens: int = 64        # completion length limit (ours: an answer is ~15 tokens without thinking)
-    loss: str = "sampled"           # sampled: Eq. 5-6 on the sampled tokens (paper) | fullkl: exact per-token
-    #                                 reverse KL over the vocabulary (ours)
-    rollouts: str = "student"       # student: on-policy (paper) | teacher: off-policy, the teacher's completions
-    #                                 (ours; the paper's off-policy ablation distils on ground-truth tokens, App. C)
+    loss: Literal["sampled", "fullkl"] = "sampled"  # sampled: Eq. 5-6 on the sampled tokens (paper) | fullkl:
+    #                                 exact per-token reverse KL over the vocabulary (ours)
+    rollouts: Literal["student", "teacher"] = "student"  # student: on-policy (paper) | teacher: off-policy, the
+    #                                 teacher's completions (ours; the paper's off-policy ablation distils on
+    #                                 ground-truth tokens, App. C)
     kl_chunk: int = 16              # positions per chunk of the full-vocabulary KL
     freeze_vision: bool = True      # keep the vision tower frozen (ours: the paper does not say; TEMPLE freezes it)
-    gradient_checkpointing: bool = False  # trade compute for activation memory (GPU users)
-    bf16: bool = False              # bf16 autocast for forward passes (GPU users)
     fps: float = 2.0                # frames per second sampled from each video (paper: 2, Sec. 4.1)
     max_frames: int = 256           # frame cap per video (ours; paper: <= 768 frames, 8,192 video tokens)
-    share_prompt: bool = True       # each video through each vision tower once per step, a group's prompt through
-    #                                 the LLM once per forward (ours, same numbers; off: a copy per rollout)
-    num_workers: int = 1            # DataLoader processes decoding the next steps' videos (0: in the main process)
-    eval_every: int = 20            # greedy evaluation every N steps (0: only before and after)
-    eval_limit: int = 0             # evaluate on the first N test queries only (0: all)
-    save_every: int = 50            # checkpoint every N steps, at the end, and on Ctrl-C / SIGTERM
-    resume: bool = False            # continue the run in --out from its checkpoint
-    overwrite: bool = False         # replace the run already in --out (without it or --resume: refused)
-    skip_bad: bool = False          # train without samples whose video file is missing (else: refused)
-    force: bool = False             # start even when the memory estimate exceeds the GPU's free memory (memory.py)
-    seed: int = 0                   # seeds prompt order, sampling and init
 
 
 # The miniature's own settings, used unless a model or data outside the miniature is named (cli.of_miniature).
@@ -82,16 +60,7 @@ class Args:
 # plateau on validation comes at 300 (--steps 300, as the results' runs).
 MINIATURE = dict(steps=200, prompts_per_step=16, micro_batch=16, lr=1e-3, warmup_steps=5, max_new_tokens=24,
                  loss="fullkl", eval_every=25, save_every=100)
-# The flags that take one of a few values (a typo must not fall back to a default), and the numeric flags' lower
-# bounds: (bound, True if the bound itself is allowed). The other scripts add their own to these.
-CHOICES = dict(loss=("sampled", "fullkl"), rollouts=("student", "teacher"))
-BOUNDS = dict(steps=(1, True), prompts_per_step=(1, True), rollouts_per_prompt=(1, True), micro_batch=(1, True),
-              lr=(0, False), warmup_steps=(0, True), weight_decay=(0, True), grad_clip=(0, False),
-              temperature=(0, False), max_new_tokens=(1, True), kl_chunk=(1, True), fps=(0, False),
-              max_frames=(2, True), num_workers=(0, True), eval_every=(0, True), eval_limit=(0, True),
-              save_every=(1, True))
-# What only distillation uses: grpo.py and dpo.py leave these out of their command lines
-DISTILLATION_ONLY = ("teacher", "loss", "rollouts", "rollouts_per_prompt", "kl_chunk")
+
 
 # ----------------------------------------------------------------------------- the OPD losses
 # ALGO LOGIC
@@ -137,7 +106,7 @@ def fullkl_loss(logits, teacher_logits, mask, chunk=16):
     return (token_kl(logits, teacher_logits, chunk) * mask).sum() / logits.shape[0]
 
 
-# ----------------------------------------------------------------------------- loading and checks
+# ----------------------------------------------------------------------------- the models
 def check_tokenizers(student_proc, teacher_proc):
     """Teacher and student must agree on every shared token id and on the video token, or scores are garbage."""
     s, t = student_proc.tokenizer.get_vocab(), teacher_proc.tokenizer.get_vocab()
@@ -175,6 +144,7 @@ def load_frozen(path, dtype=None):
     return fsdp.shard(model.requires_grad_(False)), processor
 
 
+# ALGO LOGIC: the teacher's view of the student's tokens
 def distillation(args, teacher, vocab, forbidden):
     """Video-OPD's two pieces for train: (score, loss_fn). score is the teacher's view of the rollout's own tokens
     with the same video tensors; loss_fn is Eq. 5-6 (--loss sampled) or the exact reverse KL (--loss fullkl)."""
@@ -193,139 +163,6 @@ def distillation(args, teacher, vocab, forbidden):
 
 
 # ----------------------------------------------------------------------------- the training loop (every method)
-# TRY NOT TO MODIFY (plumbing): which prompts a step takes, prefetching them, evaluating, the log's record
-# (the run folder, checkpoints and signals: cli.py).
-def plan(args, samples, step):
-    """This rank's prompts of one step: [(mb, [Sample])] per micro-batch, mb = the micro-batch's place in the
-    whole step (the same under any number of ranks; it seeds the sampling)."""
-    idx = random.Random(args.seed * 100_003 + step).sample(range(len(samples)), min(args.prompts_per_step,
-                                                                                      len(samples)))
-    r, n = fsdp.rank(), fsdp.world()
-    idx = idx[r * len(idx) // n:(r + 1) * len(idx) // n]  # this rank's share
-    return [(r * len(idx) + i, [samples[j] for j in idx[i:i + args.micro_batch]])
-            for i in range(0, len(idx), args.micro_batch)]
-
-
-def prepare(args, processor, group, micro_batches):
-    """plan's micro-batches -> [(mb, samples, videos, prompt)]: the videos decoded, the prompts encoded, each
-    repeated for its `group` rollouts (rollout.share: its video once; CPU work, run in a DataLoader worker while
-    the previous step trains)."""
-    out = []
-    for mb, chunk in micro_batches:
-        videos, _ = data.load_videos(chunk, fps=args.fps, max_frames=args.max_frames)
-        prompt = data.encode(processor, chunk, videos)
-        repeat = rollout.share if args.share_prompt else rollout.expand
-        out.append((mb, chunk, videos, repeat(prompt, group)))
-    return out
-
-
-def prefetch(args, processor, samples, group, start):
-    """An iterator over the steps from `start` on, each prepare's list: DataLoader workers decode and encode a
-    step's prompts ahead of the step that uses them (with --num-workers 0, next() does the work itself)."""
-    loader = torch.utils.data.DataLoader([plan(args, samples, step) for step in range(start, args.steps)],
-                                         batch_size=None, num_workers=args.num_workers,
-                                         collate_fn=functools.partial(prepare, args, processor, group))
-    return iter(loader)
-
-
-def evaluate(args, student, processor, test, autocast, log, step, wall):
-    """The student's greedy test metrics at `step`, logged and printed -> the record."""
-    student.eval()
-    with autocast:
-        metrics, _ = ev.evaluate(student, processor, test, batch_size=args.micro_batch, fps=args.fps,
-                                 max_frames=args.max_frames, desc=f"eval @{step}")
-    student.train()
-    record = {"step": step, "wall": round(wall, 2), "eval": metrics}
-    cli.write(log, record)
-    tqdm.write(f"step {step}: " + "  ".join(f"{k} {v:.1f}" for k, v in metrics.items()))
-    return record
-
-
-def step_record(step, wall, step_time, rollouts, loss, grad_norm, lr, timing):
-    """The step's line of log.jsonl: loss, the reverse-KL estimate E[log pi_s - log pi_t] on the samples, the
-    rollouts' IoU (GRPO's reward), grad norm, lr, throughput, the time split, and a variant's own "stats" (each
-    the mean over the step's micro-batches and the ranks)."""
-    tokens = sum(r["mask"].sum().item() for r in rollouts)
-    kl = sum(((r["old_logp"] - r["scored"]["teacher_logp"]) * r["mask"]).sum().item()
-             for r in rollouts if "teacher_logp" in r["scored"])
-    ious = [x for r in rollouts for x in r["ious"]]
-    variant = [r["scored"].get("stats", {}) for r in rollouts]  # a variant's own numbers (e.g. dpo.py's)
-    names = sorted(variant[0])
-    loss, kl, tokens, iou, *means = fsdp.mean_over_ranks([loss, kl, tokens, sum(ious) / len(ious)] + [
-        sum(v[k] for v in variant) / len(variant) for k in names])
-    kl, tokens = kl / max(tokens, 1), tokens * fsdp.world()
-    times = {k: round(v, 3) for k, v in timing.items()}
-    times["other"] = round(step_time - sum(timing.values()), 3)
-    record = {"step": step, "wall": round(wall, 2), "loss": round(loss, 5), "kl": round(kl, 5),
-              "rollout_iou": round(iou, 4), "grad_norm": round(grad_norm, 4), "lr": lr,
-              "tokens_per_s": round(tokens / step_time, 1), "time": times}
-    return record | {k: round(v, 4) for k, v in zip(names, means)}
-
-
-def load_test(args):
-    """The test samples of train's periodic evaluation (the first --eval-limit of them), or None."""
-    test = data.load_samples(args.eval_data, args.video_root, args.skip_bad) if args.eval_data else None
-    return test[:args.eval_limit] if test and args.eval_limit else test
-
-
-# ALGO LOGIC: the method's three steps. Sample (collect), score the same tokens (collect, through `score`), and
-# the update (through `loss_fn`): a new method changes `score` and `loss_fn`, not these.
-def collect(args, student, rollout_model, processor, prepared, score, step, autocast, timing):
-    """One step's rollouts, micro-batch by micro-batch, without gradients -> [dict(seq, ids, mask, scored, ious,
-    features)].
-
-    seq: prompt + completion [B*group, L+T]; ids, mask [B*group, T]; scored: what `score` returned; ious: each
-    completion's temporal IoU with its ground truth; features: the student's vision output for its training forward
-    (rollout.video_features: once per video, for generation and training; None: computed there). timing: adds the
-    seconds of generate and of scoring."""
-    rollouts = []
-    for mb, chunk, videos, prompt in prepared:
-        prompt = prompt.to(rollout_model.device)
-        tic = time.time()
-        torch.manual_seed(args.seed * 1_000_003 + step * 1_009 + mb)  # sampling depends on the micro-batch only
-        with autocast:
-            features = rollout.video_features(rollout_model, prompt) if "video_group" in prompt else None
-            ids, mask = rollout.generate(rollout_model, processor, prompt, args.max_new_tokens,  # sample
-                                         args.temperature, features)
-        timing["generate"] += time.time() - tic
-        if rollout_model is not student or not rollout.vision_frozen(student):
-            features = None  # the student's own tower, in its training forward
-        seq = rollout.append_completion(prompt, ids, mask)
-        group = ids.shape[0] // len(chunk)  # rollouts per prompt
-        ious = ev.rollout_ious(processor, ids, mask, [s for s in chunk for _ in range(group)])
-        tic = time.time()
-        with torch.no_grad(), autocast:  # not inference_mode: scores enter the autograd graph as constants
-            scored = score(seq, ids, mask, ious, chunk, videos)                                   # score
-        timing["teacher"] += time.time() - tic
-        rollouts.append(dict(seq=seq, ids=ids, mask=mask, scored=scored, ious=ious, features=features))
-    return rollouts
-
-
-def update(args, student, rollouts, loss_fn, opt, epochs, token_mean, forbidden, autocast):
-    """`epochs` passes over the step's rollouts, one optimizer step each -> (the last pass's loss, its grad norm).
-    The first pass stores each rollout's "old_logp" [B*group, T]: pi_old, the policy that sampled (Eq. 6)."""
-    # each micro-batch weighs by its share of the step's sequences (tokens): 4 + 4 + 2 prompts give the gradient
-    # of one batch of 10. Per rank: FSDP averages the ranks' gradients, so divide by the mean count over ranks
-    units = [r["mask"].sum().item() if token_mean else r["mask"].shape[0] for r in rollouts]
-    per_rank = fsdp.mean_over_ranks([sum(units)])[0]
-    params = [p for p in student.parameters() if p.requires_grad]
-    for _ in range(epochs):
-        total = 0.0
-        for r, unit in zip(rollouts, units):
-            with autocast:
-                logits = rollout.completion_logits(student, r["seq"], r["ids"].shape[1], args.temperature, forbidden,
-                                                   features=r["features"])
-            if "old_logp" not in r:  # first pass = before any update
-                r["old_logp"] = rollout.token_logp(logits, r["ids"]).detach()
-            loss = loss_fn(logits, r["ids"], r["mask"], r["old_logp"], r["scored"]) * unit / per_rank  # the loss
-            loss.backward()
-            total += loss.item()
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
-        opt.step()
-        opt.zero_grad()
-    return total, (grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm).item()
-
-
 def train(args, student, processor, score, loss_fn, rollout_model=None, group=1, epochs=1, pool=None,
           after_step=None, token_mean=False, optimizer=None):
     """Rollouts -> score -> update, `args.steps` times -> the evaluation records. Every method's loop.
@@ -341,51 +178,72 @@ def train(args, student, processor, score, loss_fn, rollout_model=None, group=1,
     each step's updates (VISD's EMA teacher follows the student there).
     token_mean: loss_fn averages over tokens (GRPO), not over sequences (OPD, DPO): how micro-batches are weighted,
         so that the step's loss is one mean over the whole step, whatever the micro-batch sizes.
-    optimizer: (opt, sched) from make_optimizer, carried over from an earlier stage of a curriculum (default: new).
+    pool: the training samples (default: --data); optimizer: (opt, sched) from make_optimizer, carried over from an
+        earlier stage of a curriculum (default: new).
     """
-    rollout_model = rollout_model or student
-    if args.prompts_per_step % fsdp.world():  # every rank must run the same number of micro-batches (FSDP)
-        raise ValueError(f"--prompts-per-step {args.prompts_per_step} must divide by the {fsdp.world()} processes")
-    samples = pool if pool is not None else data.load_samples(args.data, args.video_root, args.skip_bad)
-    test = load_test(args)
-    forbidden = rollout.forbidden_ids(processor)
     opt, sched = optimizer or make_optimizer(args, student)
-    start, wall, log, kept = cli.open_run(args, student, opt, sched)
-    autocast = torch.autocast(student.device.type, torch.bfloat16, enabled=args.bf16)
-    evaluate_at = functools.partial(evaluate, args, student, processor, test, autocast, log)
-    evals = [r for r in kept if "eval" in r] or ([evaluate_at(start, wall)] if test else [])
-    upcoming = prefetch(args, processor, samples, group, start)
-    bar = tqdm(range(start, args.steps), desc=os.path.basename(args.out.rstrip("/")), initial=start,
-               total=args.steps, disable=fsdp.rank() > 0)
-    with cli.stop_on_signal() as stop:
-        for step in bar:
-            t0, timing = time.time(), dict(generate=0.0, student=0.0, teacher=0.0)
-            # ALGO LOGIC: sample and score (collect), then the loss and the optimizer step (update)
-            rollouts = collect(args, student, rollout_model, processor, next(upcoming), score, step, autocast, timing)
-            tic = time.time()
-            loss, grad_norm = update(args, student, rollouts, loss_fn, opt, epochs, token_mean, forbidden, autocast)
+    forbidden = rollout.forbidden_ids(processor)
+    with run.Run(args, student, processor, opt, sched, pool, group) as loop:  # log, evaluation, checkpoints, signals
+        for step, prepared, timing in loop:  # this rank's prompts of the step, decoded and encoded ahead
+            # ALGO LOGIC: sample and score the same tokens (collect), then the loss and the optimizer step (update)
+            rollouts = collect(args, rollout_model or student, processor, prepared, score, step, timing)
+            loss, grad_norm = update(args, student, rollouts, loss_fn, opt, epochs, token_mean, forbidden, timing)
             sched.step()
             if after_step:
                 after_step()
-            timing["student"] = time.time() - tic
-            # TRY NOT TO MODIFY: the step's record, evaluation, checkpoint, a requested stop
-            step_time = time.time() - t0
-            wall += step_time
-            record = step_record(step + 1, wall, step_time, rollouts, loss, grad_norm, sched.get_last_lr()[0], timing)
-            cli.write(log, record)
-            bar.set_postfix(loss=f"{record['loss']:.3f}", kl=f"{record['kl']:.3f}", iou=f"{record['rollout_iou']:.3f}")
-            if test and args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < args.steps:
-                evals.append(evaluate_at(step + 1, wall))
-            if (step + 1) % args.save_every == 0 or step + 1 == args.steps or stop:
-                cli.save(args, student, processor, opt, sched, step + 1, wall)
-            if stop:
-                log.close()
-                raise SystemExit(f"interrupted: checkpoint at step {step + 1} in {args.out}/checkpoint; continue "
-                                 "with --resume")
-    if test and (not evals or evals[-1]["step"] < args.steps):
-        evals.append(evaluate_at(args.steps, wall))
-    log.close()
-    return evals
+            loop.end_step(step, rollouts, loss, grad_norm)
+    return loop.evals
+
+
+# ALGO LOGIC: the method's steps. Sample and score the same tokens (collect, through `score`), and the update
+# (through `loss_fn`): a new method changes `score` and `loss_fn`, not these.
+def collect(args, rollout_model, processor, prepared, score, step, timing):
+    """One step's rollouts, micro-batch by micro-batch, without gradients -> [dict(seq, ids, mask, scored, ious)].
+
+    prepared: [(mb, samples, videos, prompt)], the micro-batches of lib/run.py's prepare; seq: prompt + completion
+    [B*group, L+T]; ids, mask [B*group, T]; scored: what `score` returned; ious: each completion's temporal IoU with
+    its ground truth. timing: adds the seconds of generate and of scoring."""
+    rollouts = []
+    for mb, chunk, videos, prompt in prepared:
+        prompt = prompt.to(rollout_model.device)
+        torch.manual_seed(args.seed * 1_000_003 + step * 1_009 + mb)  # sampling depends on the micro-batch only
+        with run.timed(timing, "generate"), fsdp.autocast(args, rollout_model):
+            ids, mask = rollout.generate(rollout_model, processor, prompt, args.max_new_tokens,  # sample
+                                         args.temperature)
+        seq = rollout.append_completion(prompt, ids, mask)
+        group = ids.shape[0] // len(chunk)  # rollouts per prompt
+        ious = ev.rollout_ious(processor, ids, mask, [s for s in chunk for _ in range(group)])
+        # not inference_mode: the scores enter the autograd graph as constants
+        with run.timed(timing, "teacher"), torch.no_grad(), fsdp.autocast(args, rollout_model):
+            scored = score(seq, ids, mask, ious, chunk, videos)                                   # score
+        rollouts.append(dict(seq=seq, ids=ids, mask=mask, scored=scored, ious=ious))
+    return rollouts
+
+
+def update(args, student, rollouts, loss_fn, opt, epochs, token_mean, forbidden, timing):
+    """`epochs` passes over the step's rollouts, one optimizer step each -> (the last pass's loss, its grad norm).
+    The first pass stores each rollout's "old_logp" [B*group, T]: pi_old, the policy that sampled (Eq. 6)."""
+    # each micro-batch weighs by its share of the step's sequences (tokens): 4 + 4 + 2 prompts give the gradient
+    # of one batch of 10. Per rank: FSDP averages the ranks' gradients, so divide by the mean count over ranks
+    units = [r["mask"].sum().item() if token_mean else r["mask"].shape[0] for r in rollouts]
+    per_rank = fsdp.mean_over_ranks([sum(units)])[0]
+    params = [p for p in student.parameters() if p.requires_grad]
+    with run.timed(timing, "student"):
+        for _ in range(epochs):
+            total = 0.0
+            for r, unit in zip(rollouts, units):
+                with fsdp.autocast(args, student):
+                    logits = rollout.completion_logits(student, r["seq"], r["ids"].shape[1], args.temperature,
+                                                       forbidden)
+                if "old_logp" not in r:  # first pass = before any update
+                    r["old_logp"] = rollout.token_logp(logits, r["ids"]).detach()
+                loss = loss_fn(logits, r["ids"], r["mask"], r["old_logp"], r["scored"]) * unit / per_rank  # the loss
+                loss.backward()
+                total += loss.item()
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
+            opt.step()
+            opt.zero_grad()
+    return total, (grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm).item()
 
 
 def make_optimizer(args, student):
@@ -395,40 +253,8 @@ def make_optimizer(args, student):
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / (args.warmup_steps + 1)))
 
 
-def teacher_metrics(args, teacher, processor):
-    """The teacher's greedy test metrics, cached in the run folder (the teacher never changes)."""
-    path = f"{args.out}/teacher_eval.json"
-    cached = os.path.exists(path)
-    fsdp.barrier()  # every rank decides before rank 0 writes the file: all of them evaluate, or none
-    if cached:
-        with open(path) as f:
-            return json.load(f)
-    test = data.load_annotations(args.eval_data, args.video_root)
-    metrics, _ = ev.evaluate(teacher, processor, test[:args.eval_limit] if args.eval_limit else test,
-                             batch_size=args.micro_batch, fps=args.fps, max_frames=args.max_frames, desc="teacher")
-    if fsdp.rank() == 0:
-        with open(path, "w") as f:
-            json.dump(metrics, f)
-    return metrics
-
-
-def finish(args, student, processor, evals, teacher=None):
-    """After training: OUT/final (save_pretrained), and the table student before / after (/ teacher) printed and
-    written to OUT/summary.json."""
-    fsdp.save_model(student, processor, f"{args.out}/final")
-    if not evals:
-        return
-    rows = {"student before": evals[0]["eval"], "student after": evals[-1]["eval"]}
-    if teacher is not None:
-        rows["teacher"] = teacher_metrics(args, teacher, processor)
-    if fsdp.rank() == 0:
-        print(ev.format_table(rows))
-        with open(f"{args.out}/summary.json", "w") as f:
-            json.dump(rows, f, indent=1)
-
-
 def main():
-    args = cli.parse(Args, MINIATURE, choices=CHOICES, bounds=BOUNDS)
+    args = cli.parse(Args, MINIATURE)
     if args.rollouts == "teacher" and args.loss == "sampled":
         # the score-function gradient on the teacher's samples is the gradient of no divergence: off-policy
         # distillation is the full-vocabulary KL on the teacher's tokens (GKD with lambda 0)
@@ -442,7 +268,7 @@ def main():
     score, loss_fn = distillation(args, teacher, vocab, rollout.forbidden_ids(processor))
     evals = train(args, student, processor, score, loss_fn, group=args.rollouts_per_prompt,
                   rollout_model=teacher if args.rollouts == "teacher" else None)
-    finish(args, student, processor, evals, teacher)
+    run.finish(args, student, processor, evals, teacher)
 
 
 if __name__ == "__main__":

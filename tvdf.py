@@ -25,15 +25,19 @@ import json
 import os
 from dataclasses import dataclass
 
+from typing import Literal
+
 import numpy as np
 import torch
 
-import cli
 import data
 import eval as ev
-import fsdp
 import opd
 import rollout
+from lib import cli, fsdp, run
+
+
+STRATEGIES = ("topk", "dsus", "bbds", "gwds", "random")
 
 
 @dataclass
@@ -42,7 +46,7 @@ class TVDFArgs(opd.Args):
     rounds: int = 3                 # curriculum rounds: each selects k more, then trains steps / rounds (paper: 3)
     k: int = 2500                   # samples added to the training pool per round (paper: 2,500)
     tau: float = 0.5                # TRPV: drop samples whose teacher IoU is below this (ours: not published)
-    strategy: str = "topk"          # DBTP variant: topk | dsus | bbds | gwds | random (TRPV alone)
+    strategy: Literal[STRATEGIES] = "topk"  # DBTP variant: topk | dsus | bbds | gwds | random (TRPV alone)
     pool: int = 0                   # candidate pool: the first N training samples (0: all)
     teacher_samples: int = 1        # TRPV: predictions per sample, greedy + n-1 sampled, IoUs averaged (ours)
     select_only: bool = False       # only select k samples with the current student: OUT/selected.jsonl
@@ -52,8 +56,6 @@ class TVDFArgs(opd.Args):
 # see its pool 4 times (round 1) and twice (round 2), not the 12 times of the earlier 128 per round, and the
 # curriculum ends on 40% of the clips, so that what it leaves out can matter
 MINIATURE = opd.MINIATURE | dict(rounds=2, k=400, pool=0)
-STRATEGIES = ("topk", "dsus", "bbds", "gwds", "random")
-BOUNDS = opd.BOUNDS | dict(rounds=(1, True), k=(1, True), pool=(0, True), teacher_samples=(1, True))
 
 
 def select(teacher_iou, student_iou, k, tau, strategy="topk", seed=0):
@@ -169,7 +171,7 @@ def curriculum(args, student, processor, teacher, score, loss_fn):
 
 
 def train_in_stages(args, names, run):
-    """A curriculum (tvdf.py's rounds, dpo.py's strengths): args.steps split over the stages (the remainder to the
+    """A curriculum (tvdf.py's rounds, neighbours/tempo.py's strengths): args.steps split over the stages (the remainder to the
     last); run(i, stage_args) trains stage i (an opd.train call) in OUT/<names[i]>/ and returns its evaluation
     records. The stages' logs are joined into OUT/log.jsonl, steps and wall time running on, each record tagged
     with its stage. Returns the joined evaluation records, like opd.train."""
@@ -196,8 +198,7 @@ def train_in_stages(args, names, run):
 
 def main():
     # no --resume: the rounds run as separate opd.train stages
-    args = cli.parse(TVDFArgs, MINIATURE, drop=("resume",), choices=opd.CHOICES | dict(strategy=STRATEGIES),
-                     bounds=BOUNDS)
+    args = cli.parse(TVDFArgs, MINIATURE, drop=("resume",))
     fsdp.init_distributed()
     cli.start_run(args)
     torch.manual_seed(args.seed)
@@ -214,7 +215,7 @@ def main():
         return
     score, loss_fn = opd.distillation(args, teacher, vocab, rollout.forbidden_ids(processor))
     evals = curriculum(args, student, processor, teacher, score, loss_fn)
-    opd.finish(args, student, processor, evals, teacher)
+    run.finish(args, student, processor, evals, teacher)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 # Regenerates every number of docs/results.md's first section: bash docs/results.sh (from the repo root).
 #
 # The protocol (the same for every method; docs/results.md):
-#   1. the shipped miniature (miniature/; toy.py --out DIR rebuilds it);
+#   1. the shipped miniature (miniature/; python -m lib.miniature --out DIR rebuilds it);
 #   2. an lr grid per method, seed 0, judged on the validation clips (miniature/val.jsonl, never the test clips),
 #      two runs at a time, one thread each: only their mIoU is read;
 #   3. each method at its best grid lr (the highest best validation mIoU after step 0), seeds 0-2, on the test clips,
@@ -90,11 +90,12 @@ stamp "5. neighbours"
 #    clean vs perturbed-video answers) on the temporally rich clips, on all clips, and halfway through the SFT
 {
   for s in 0 1 2; do
-    for run in "va_opd.py --lr $OPD_LR --out $R/va/va-opd-s$s" \
+    for run in "-m neighbours.va_opd --lr $OPD_LR --out $R/va/va-opd-s$s" \
                "opd.py --lr $OPD_LR --prompts-per-step 4 --rollouts-per-prompt 4 --temperature 0.7 --out $R/va/control-s$s" \
-               "visd.py --lr $GRPO_LR --steps 2500 --out $R/visd-s$s" \
-               "dpo.py --out $R/tempo/selected-s$s" "dpo.py --min-changes 0 --out $R/tempo/all-s$s" \
-               "dpo.py --pre-sft --out $R/tempo/pre-sft-s$s"; do
+               "-m neighbours.visd --lr $GRPO_LR --steps 2500 --out $R/visd-s$s" \
+               "-m neighbours.tempo --out $R/tempo/selected-s$s" \
+               "-m neighbours.tempo --min-changes 0 --out $R/tempo/all-s$s" \
+               "-m neighbours.tempo --pre-sft --out $R/tempo/pre-sft-s$s"; do
       [ -d "$(echo $run | sed 's/.*--out //')/final" ] || echo "python $run --seed $s"
     done
   done

@@ -26,10 +26,10 @@ def one(variant, prompt_tokens, vocab, completion, workdir, loss="sampled"):
     import data
     import rollout
     import opd
-    import toy
-    cfg = toy.ToyConfig.reduced()
-    processor = toy.make_processor(os.path.join(workdir, "processor"), cfg)
-    model = toy.make_model(processor, cfg.student, 0)
+    from lib import miniature
+    cfg = miniature.ToyConfig.reduced()
+    processor = miniature.make_processor(os.path.join(workdir, "processor"), cfg)
+    model = miniature.make_model(processor, cfg.student, 0)
     model.resize_token_embeddings(vocab)
     pairs = max(1, prompt_tokens // 10)  # a 64x64 frame pair costs 4 video tokens + ~6 stamp tokens
     frames = np.zeros((2 * pairs, cfg.frame, cfg.frame, 3), np.uint8)

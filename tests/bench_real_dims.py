@@ -13,7 +13,7 @@ with the README's real-model flags (--gradient-checkpointing, --bf16 when asked)
 log.jsonl and a 20 ms sampler of the process's resident memory: time per phase, peak memory per phase (and the
 process's memory before any model loads, start_rss_mb), the run's own memory.estimate (estimate_mb), and the
 work per phase: vision-tower patches and LLM tokens each model ran on. `--sharing both` runs each step twice, as
-trained (rollout.share: each video once, a group's prompt once) and with --no-share-prompt (a copy per rollout).
+trained (lib/share.py: each video once, a group's prompt once) and with --no-share-prompt (a copy per rollout).
 The difference between two text depths is one text layer's share; docs/results.md ("Memory per GPU") scales it
 to full depth.
 Prints one JSON line per configuration.
@@ -60,7 +60,7 @@ REAL_VIDEO = dict(size={"longest_edge": 25_165_824, "shortest_edge": 4096}, patc
 def build_model(folder, real, text_layers, vision_layers, processor):
     """save_pretrained a random-init model of `real`'s dimensions at the given depths, with `processor`."""
     import torch
-    import toy
+    from lib import miniature
     from transformers import AutoModelForImageTextToText, Qwen3VLConfig
     tok = processor.tokenizer
     full, vision = real["vision"]["depth"], real["vision"]
@@ -68,7 +68,7 @@ def build_model(folder, real, text_layers, vision_layers, processor):
     config = Qwen3VLConfig(text_config=real["text"] | dict(num_hidden_layers=text_layers,
                                                            pad_token_id=tok.pad_token_id),
                            vision_config=vision | dict(depth=vision_layers, deepstack_visual_indexes=taps),
-                           tie_word_embeddings=real["tie_word_embeddings"], **toy.vision_token_ids(tok))
+                           tie_word_embeddings=real["tie_word_embeddings"], **miniature.vision_token_ids(tok))
     torch.manual_seed(0)
     model = AutoModelForImageTextToText.from_config(config)
     model.generation_config.eos_token_id = tok.convert_tokens_to_ids("<|im_end|>")
@@ -80,9 +80,9 @@ def build_model(folder, real, text_layers, vision_layers, processor):
 
 def make_processor(folder):
     """The miniature's offline tokenizer and chat template with real Qwen3-VL's video processor settings."""
-    import toy
+    from lib import miniature
     from transformers import Qwen3VLVideoProcessor
-    processor = toy.make_processor(folder, toy.ToyConfig.reduced())
+    processor = miniature.make_processor(folder, miniature.ToyConfig.reduced())
     processor.video_processor = Qwen3VLVideoProcessor(**REAL_VIDEO, cap_pixels_per_frame=True, do_sample_frames=False)
     return processor
 
@@ -117,8 +117,7 @@ def child(script, argv, out_json):
     import importlib
     import torch
     import rollout
-    import cli
-    import memory
+    from lib import memory, run
     page = os.sysconf("SC_PAGE_SIZE")
     phase, peaks, patches, tokens, estimated = ["load"], {}, {}, {}, {}
 
@@ -157,7 +156,7 @@ def child(script, argv, out_json):
     rollout.generate = labelled(rollout.generate, "generate")
     rollout.completion_logits = labelled(rollout.completion_logits,
                                          lambda *a: "student fwd+bwd" if torch.is_grad_enabled() else "teacher fwd")
-    cli.save = labelled(cli.save, "save")
+    run.save = labelled(run.save, "save")
     sys.argv = [script, *argv]
     importlib.import_module(script[:-3]).main()  # the module, not a fresh __main__, so the wrappers above apply
     peaks[phase[0]] = max(peaks.get(phase[0], 0.0), rss())

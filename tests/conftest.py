@@ -39,15 +39,15 @@ def ohofg(ohofg_path):
 @pytest.fixture(scope="session")
 def shipped():
     """The miniature shipped in miniature/ (the trained models every script defaults to): its paths dict."""
-    import toy
-    return toy.miniature_paths(toy.MINIATURE)
+    from lib import miniature
+    return miniature.miniature_paths(miniature.MINIATURE)
 
 
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory):
     """The reduced miniature (a few seconds to build): paths dict with student, teacher, train, test, metrics."""
-    import toy
-    return toy.build(str(tmp_path_factory.mktemp("toy")), toy.ToyConfig.reduced())
+    from lib import miniature
+    return miniature.build(str(tmp_path_factory.mktemp("toy")), miniature.ToyConfig.reduced())
 
 
 @pytest.fixture(scope="session")

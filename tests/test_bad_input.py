@@ -161,7 +161,7 @@ def test_sigterm_saves_the_step_and_stops_the_workers(tiny, tmp_path):
 def test_the_miniatures_own_models_and_data_keep_its_settings(tmp_path, monkeypatch):
     """Its weaker teacher or noisy pool named on the command line still run with the miniature's settings; any
     other model or data gets the paper's (lr 1e-6)."""
-    import cli
+    from lib import cli
     import opd
     monkeypatch.chdir(tmp_path)
     assert cli.of_miniature("runs/toy/teacher_weak") and cli.of_miniature("runs/toy/train_noisy.jsonl")
@@ -170,4 +170,4 @@ def test_the_miniatures_own_models_and_data_keep_its_settings(tmp_path, monkeypa
     for argv, lr in ((noisy_pool, opd.MINIATURE["lr"]),
                      (["--teacher", "Qwen/Qwen3-VL-32B-Instruct"], 1e-6)):
         monkeypatch.setattr(sys, "argv", ["opd.py", *argv])
-        assert cli.parse(opd.Args, opd.MINIATURE, choices=opd.CHOICES, bounds=opd.BOUNDS).lr == lr
+        assert cli.parse(opd.Args, opd.MINIATURE).lr == lr

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import data
-import toy
+from lib import miniature
 from conftest import TESTS_DATA
 
 TEMPLATES = TESTS_DATA / "chat_templates"
@@ -28,9 +28,9 @@ ANSWER = "The event happens in 1.0 - 2.0 seconds"
 # ----------------------------------------------------------------------------- processors
 @pytest.fixture(scope="module")
 def toy_dir(tmp_path_factory):
-    """The miniature's processor as toy.build saves it (its tokenizer, real Qwen3VLProcessor, toy.CHAT_TEMPLATE)."""
+    """The miniature's processor as miniature.build saves it (its tokenizer, real Qwen3VLProcessor, miniature.CHAT_TEMPLATE)."""
     out = tmp_path_factory.mktemp("toy_processor")
-    toy.make_processor(str(out), toy.ToyConfig.reduced())
+    miniature.make_processor(str(out), miniature.ToyConfig.reduced())
     return out
 
 
@@ -43,7 +43,7 @@ def _load(path, chat_template):
 
 @pytest.fixture(scope="module")
 def toy_processor(toy_dir):
-    return _load(toy_dir, toy.CHAT_TEMPLATE)
+    return _load(toy_dir, miniature.CHAT_TEMPLATE)
 
 
 @pytest.fixture(scope="module")

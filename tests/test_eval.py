@@ -10,7 +10,7 @@ import torch
 
 import data
 import eval as ev
-import report
+from lib import report
 import rollout
 from conftest import REPO
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import grpo
-import memory
+from lib import memory
 import opd
 from conftest import REPO
 

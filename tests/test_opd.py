@@ -16,6 +16,7 @@ from transformers import AutoProcessor
 import data
 import opd
 import rollout
+from lib import run, share
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -119,7 +120,7 @@ def test_expand_keeps_video_features_aligned(student):
     model, processor, samples, batch = student
     with torch.no_grad():
         base = model(**batch).logits
-        big = model(**rollout.expand(batch, 3)).logits
+        big = model(**share.expand(batch, 3)).logits
     assert big.shape[0] == 6
     for i in range(2):
         for k in range(3):
@@ -129,8 +130,9 @@ def test_expand_keeps_video_features_aligned(student):
 
 
 def _run(script, tiny, out, *extra):
-    teacher = ("--teacher", tiny["teacher"]) if script in ("opd.py", "va_opd.py", "tvdf.py") else ()  # distillation
-    cmd = [sys.executable, script, "--student", tiny["student"], *teacher, "--data", tiny["train"],
+    teacher = ("--teacher", tiny["teacher"]) if script in ("opd.py", "neighbours.va_opd", "tvdf.py") else ()
+    launch = [script] if script.endswith(".py") else ["-m", script]  # a neighbour runs as a module
+    cmd = [sys.executable, *launch, "--student", tiny["student"], *teacher, "--data", tiny["train"],
            "--eval-data", tiny["test"], "--out", str(out), "--prompts-per-step", "4", "--micro-batch", "2",
            "--lr", "1e-3", "--max-new-tokens", "8", "--eval-limit", "4", *extra]
     res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
@@ -251,9 +253,9 @@ def test_signal_handlers_come_back_when_a_step_raises(tiny, tmp_path):
     assert {sig: signal.getsignal(sig) for sig in before} == before
 
 
-# ----------------------------------------------------------------------------- a prompt once per group (rollout.share)
+# ----------------------------------------------------------------------------- a prompt once per group (lib/share.py)
 def _grads_of_one_pass(tiny, repeat, freeze, checkpointing, G=3):
-    """Sample G completions per prompt from a `repeat`ed batch (rollout.share or rollout.expand), then one training
+    """Sample G completions per prompt from a `repeat`ed batch (share.share or share.expand), then one training
     forward + backward of their log-probs -> (completion ids, logits, {name: grad}). 2 prompts of different lengths:
     left padding."""
     model, processor = rollout.load_model(tiny["student"])
@@ -267,7 +269,7 @@ def _grads_of_one_pass(tiny, repeat, freeze, checkpointing, G=3):
     prompt = repeat(data.encode(processor, samples, videos), G)
     assert prompt["attention_mask"][:, 0].min() == 0  # really left-padded
     forbidden = rollout.forbidden_ids(processor)
-    features = rollout.video_features(model, prompt) if "video_group" in prompt else None
+    features = share.video_features(model, prompt) if "video_group" in prompt else None
     torch.manual_seed(0)
     ids, mask = rollout.generate(model, processor, prompt, 8, 1.0, features)
     seq = rollout.append_completion(prompt, ids, mask)
@@ -280,12 +282,12 @@ def _grads_of_one_pass(tiny, repeat, freeze, checkpointing, G=3):
 
 @pytest.mark.parametrize("freeze, checkpointing", [(True, False), (True, True), (False, False)])
 def test_shared_prompt_gives_the_copies_logits_and_gradients(tiny, freeze, checkpointing):
-    """rollout.share (each video through the tower once, its output shared by the G rollouts and, frozen, by the
-    training forward; the training forward over packed rows [prompt, c_1..c_G], rollout.grouped_logits) ==
-    rollout.expand (a copy of the prompt and its patches per rollout): the same samples, logits and gradients, fp32,
+    """share.share (each video through the tower once, its output shared by the G rollouts and, frozen, by the
+    training forward; the training forward over packed rows [prompt, c_1..c_G], share.grouped_logits) ==
+    share.expand (a copy of the prompt and its patches per rollout): the same samples, logits and gradients, fp32,
     with left padding, mrope positions and gradient checkpointing, with the tower frozen or trainable."""
-    ids_a, logits_a, grads_a = _grads_of_one_pass(tiny, rollout.expand, freeze, checkpointing)
-    ids_b, logits_b, grads_b = _grads_of_one_pass(tiny, rollout.share, freeze, checkpointing)
+    ids_a, logits_a, grads_a = _grads_of_one_pass(tiny, share.expand, freeze, checkpointing)
+    ids_b, logits_b, grads_b = _grads_of_one_pass(tiny, share.share, freeze, checkpointing)
     assert torch.equal(ids_a, ids_b)
     finite = torch.isfinite(logits_a)
     assert torch.equal(finite, torch.isfinite(logits_b))
@@ -319,7 +321,7 @@ def _work_of_one_grpo_step(tiny, tmp_path, monkeypatch, *flags):
                                       "--out", str(tmp_path), "--steps", "1", "--prompts-per-step", "2",
                                       "--micro-batch", "2", "--group-size", "4", "--max-new-tokens", "6",
                                       "--num-workers", "0", "--eval-every", "0", *flags])
-    monkeypatch.setattr(opd, "finish", lambda *a, **kw: None)
+    monkeypatch.setattr(run, "finish", lambda *a, **kw: None)
     grpo.main()
     llm = {grad: sum(n for g, n in tokens if g == grad) for grad in (False, True)}
     return sum(patches), llm, [json.loads(x) for x in open(tmp_path / "log.jsonl")][-1]

@@ -6,7 +6,7 @@ import torch
 
 import data
 import rollout
-import toy
+from lib import miniature, share
 from test_opd import _run
 
 
@@ -20,7 +20,7 @@ def make_qwen25(out, processor_src, hidden, seed):
         image_processor=Qwen2VLImageProcessor(size={"shortest_edge": n_pix, "longest_edge": n_pix * 4}),
         video_processor=Qwen2VLVideoProcessor(size={"shortest_edge": n_pix, "longest_edge": n_pix * 1024},
                                               do_sample_frames=False, cap_pixels_per_frame=False),
-        tokenizer=tok, chat_template=toy.CHAT_TEMPLATE)
+        tokenizer=tok, chat_template=miniature.CHAT_TEMPLATE)
     ids = {k: tok.convert_tokens_to_ids(v) for k, v in (("image_token_id", "<|image_pad|>"),
            ("video_token_id", "<|video_pad|>"), ("vision_start_token_id", "<|vision_start|>"),
            ("vision_end_token_id", "<|vision_end|>"))}
@@ -63,7 +63,7 @@ def test_time_comes_from_the_sampled_fps(qwen25):
     # expanded rollouts keep each prompt's video and its time scale
     with torch.no_grad():
         base = model(**batch).logits
-        big = model(**rollout.expand(batch, 2)).logits
+        big = model(**share.expand(batch, 2)).logits
     assert torch.allclose(big[0], base[0], atol=1e-5) and torch.allclose(big[3], base[1], atol=1e-5)
 
 

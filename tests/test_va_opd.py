@@ -1,4 +1,4 @@
-"""va_opd.py: the degraded view, the visual advantage, the rollout weights, the token split, the loss, a smoke run."""
+"""neighbours/va_opd.py: the degraded view, the visual advantage, the rollout weights, the token split, the loss, a smoke run."""
 import json
 import math
 
@@ -8,7 +8,7 @@ import torch
 
 import data
 import rollout
-import va_opd
+from neighbours import va_opd
 from test_opd import _run, _weights
 
 
@@ -129,7 +129,7 @@ def test_va_opd_loss_equals_brute_force():
 
 
 def test_smoke_va_two_steps(tiny, tmp_path):
-    out = _run("va_opd.py", tiny, tmp_path, "--steps", "2", "--rollouts-per-prompt", "2")
+    out = _run("neighbours.va_opd", tiny, tmp_path, "--steps", "2", "--rollouts-per-prompt", "2")
     assert "student after" in out
     steps = [r for r in map(json.loads, open(tmp_path / "log.jsonl")) if "loss" in r]
     assert [r["step"] for r in steps] == [1, 2]

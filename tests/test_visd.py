@@ -1,4 +1,4 @@
-"""visd.py: the per-token advantages, the EMA teacher, the privileged prompt, a smoke run against plain GRPO."""
+"""neighbours/visd.py: the per-token advantages, the EMA teacher, the privileged prompt, a smoke run against plain GRPO."""
 import copy
 import json
 
@@ -8,7 +8,7 @@ import torch
 import data
 import grpo
 import rollout
-import visd
+from neighbours import visd
 from test_opd import _run, _weights
 
 
@@ -105,7 +105,7 @@ def test_feedback_reaches_each_rollouts_own_prompt(tiny_processor, tiny_test):
 def test_visd_smoke_two_steps(tiny, tmp_path):
     common = ("--steps", "2", "--prompts-per-step", "2", "--micro-batch", "1", "--group-size", "4",
               "--max-new-tokens", "16", "--temperature", "0.3")
-    out = _run("visd.py", tiny, tmp_path, "--visd-decay", "0.5", "--visd-lambda", "1", "--visd-anneal-steps", "2",
+    out = _run("neighbours.visd", tiny, tmp_path, "--visd-decay", "0.5", "--visd-lambda", "1", "--visd-anneal-steps", "2",
                *common)
     assert "student after" in out
     log = [json.loads(x) for x in open(tmp_path / "log.jsonl")]

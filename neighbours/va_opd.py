@@ -1,7 +1,7 @@
 """VA-OPD: visual-advantage on-policy distillation (Liu et al. 2026, arXiv 2605.21924), on Video-OPD's loop.
 
-    python va_opd.py                                 # the miniature, VA-OPD's setting: 4 prompts x 4 rollouts, T 0.7
-    python va_opd.py --student Qwen/Qwen3-VL-2B-Instruct --teacher Qwen/Qwen3-VL-8B-Instruct --data train.json
+    python -m neighbours.va_opd          # the miniature, VA-OPD's setting: 4 prompts x 4 rollouts, T 0.7
+    python -m neighbours.va_opd --student Qwen/Qwen3-VL-2B-Instruct --teacher Qwen/Qwen3-VL-8B-Instruct --data T.json
 
 The teacher scores each rollout twice: with the video, and with a degraded copy whose detail is gone (`degrade`).
 The visual advantage of a token is how much the teacher's log-prob of it rests on that detail
@@ -25,11 +25,10 @@ from dataclasses import dataclass
 
 import torch
 
-import cli
 import data
-import fsdp
 import opd
 import rollout
+from lib import cli, fsdp, run
 
 
 @dataclass
@@ -43,7 +42,7 @@ class VAArgs(opd.Args):
 
 # OPD's miniature settings, with 4 prompts x 4 rollouts per step (16 rollouts, as OPD's 16 x 1)
 MINIATURE = opd.MINIATURE | dict(prompts_per_step=4)
-BOUNDS = opd.BOUNDS | dict(va_top=(0, False), va_scale=(0, False))
+BOUNDS = dict(va_top=(0, False), va_scale=(0, False))
 
 
 def degrade(frames, scale=0.1):
@@ -110,7 +109,7 @@ def va_opd_loss(logits, teacher_logits, va, mask, group, top=0.2, chunk=16):
 
 
 def main():
-    args = cli.parse(VAArgs, MINIATURE, drop=("loss", "rollouts"), choices=opd.CHOICES, bounds=BOUNDS)
+    args = cli.parse(VAArgs, MINIATURE, drop=("loss", "rollouts"), bounds=BOUNDS)
     fsdp.init_distributed()
     cli.start_run(args)
     torch.manual_seed(args.seed)
@@ -136,7 +135,7 @@ def main():
                            args.va_top, args.kl_chunk)
 
     evals = opd.train(args, student, processor, score, loss_fn, group=args.rollouts_per_prompt)
-    opd.finish(args, student, processor, evals, teacher)
+    run.finish(args, student, processor, evals, teacher)
 
 
 if __name__ == "__main__":

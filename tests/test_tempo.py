@@ -1,4 +1,4 @@
-"""dpo.py (TEMPO): the DPO loss on crafted numbers, the perturbations, identical-pair masking, a smoke run."""
+"""neighbours/tempo.py (TEMPO): the DPO loss on crafted numbers, the perturbations, identical-pair masking, a smoke run."""
 import json
 import math
 
@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import data
-import dpo
+from neighbours import tempo
 import rollout
 from test_opd import _run, _weights
 
@@ -16,9 +16,9 @@ from test_opd import _run, _weights
 def test_equal_margins_give_log_2():
     logp_c, logp_r = torch.tensor([-3.0, -1.0]), torch.tensor([-5.0, -2.0])
     # policy and reference identical (the first step): every margin is 0
-    assert dpo.dpo_loss(logp_c, logp_r, logp_c, logp_r).item() == pytest.approx(math.log(2))
+    assert tempo.dpo_loss(logp_c, logp_r, logp_c, logp_r).item() == pytest.approx(math.log(2))
     # chosen and rejected moved by the same amount from the reference: still margin 0
-    assert dpo.dpo_loss(logp_c + 0.7, logp_r + 0.7, logp_c, logp_r).item() == pytest.approx(math.log(2))
+    assert tempo.dpo_loss(logp_c + 0.7, logp_r + 0.7, logp_c, logp_r).item() == pytest.approx(math.log(2))
 
 
 def test_value_and_gradient_by_hand():
@@ -26,7 +26,7 @@ def test_value_and_gradient_by_hand():
     logp_r = torch.tensor([-3.0, -1.0], requires_grad=True)
     ref_c, ref_r = torch.tensor([-1.0, -1.0]), torch.tensor([-1.0, -1.0])
     # margins: (0 - (-2)) = 2 and (-1 - 0) = -1; beta 0.1
-    loss = dpo.dpo_loss(logp_c, logp_r, ref_c, ref_r, beta=0.1)
+    loss = tempo.dpo_loss(logp_c, logp_r, ref_c, ref_r, beta=0.1)
     expected = (math.log(1 + math.exp(-0.2)) + math.log(1 + math.exp(0.1))) / 2
     assert loss.item() == pytest.approx(expected, rel=1e-6)
     loss.backward()
@@ -42,14 +42,14 @@ def test_beta_scales_the_gradient_at_zero_margin():
     for beta in (0.1, 0.5):
         logp_c = torch.tensor([-2.0], requires_grad=True)
         logp_r = torch.tensor([-2.0], requires_grad=True)
-        dpo.dpo_loss(logp_c, logp_r, torch.tensor([-2.0]), torch.tensor([-2.0]), beta=beta).backward()
+        tempo.dpo_loss(logp_c, logp_r, torch.tensor([-2.0]), torch.tensor([-2.0]), beta=beta).backward()
         assert logp_c.grad.item() == pytest.approx(-beta / 2)  # -beta * sigmoid(0)
         assert logp_r.grad.item() == pytest.approx(beta / 2)
 
 
 def test_reference_gets_no_gradient():
     ref_c = torch.tensor([-1.0], requires_grad=True)
-    dpo.dpo_loss(torch.tensor([-2.0], requires_grad=True), torch.tensor([-3.0]), ref_c, torch.tensor([-1.0]))
+    tempo.dpo_loss(torch.tensor([-2.0], requires_grad=True), torch.tensor([-3.0]), ref_c, torch.tensor([-1.0]))
     assert ref_c.grad is None
 
 
@@ -58,11 +58,11 @@ def test_masked_pairs_drop_out_of_value_and_gradient():
     logp_r = torch.tensor([-3.0, -1.0, -4.0], requires_grad=True)
     ref = torch.full((3,), -1.0)
     keep = torch.tensor([True, True, False])
-    loss = dpo.dpo_loss(logp_c, logp_r, ref, ref, 0.1, keep)
-    assert loss.item() == pytest.approx(dpo.dpo_loss(logp_c[:2], logp_r[:2], ref[:2], ref[:2], 0.1).item())
+    loss = tempo.dpo_loss(logp_c, logp_r, ref, ref, 0.1, keep)
+    assert loss.item() == pytest.approx(tempo.dpo_loss(logp_c[:2], logp_r[:2], ref[:2], ref[:2], 0.1).item())
     loss.backward()
     assert logp_c.grad[2] == 0 and logp_r.grad[2] == 0
-    none = dpo.dpo_loss(logp_c, logp_r, ref, ref, 0.1, torch.zeros(3, dtype=torch.bool))
+    none = tempo.dpo_loss(logp_c, logp_r, ref, ref, 0.1, torch.zeros(3, dtype=torch.bool))
     assert none.item() == 0 and none.requires_grad  # nothing kept: a zero loss that still backpropagates
 
 
@@ -73,18 +73,18 @@ def test_identical_answers_are_detected():
     ids_b = torch.tensor([[5, 6, 7], [5, 6, 9], [5, 6, 7]])  # shorter tensor: lengths may differ
     mask_b = torch.tensor([[1, 1, 1], [1, 1, 1], [1, 1, 1]])
     # row 0 same tokens; row 1 differs in a token and in length; row 2 is a strict prefix of the other answer
-    assert dpo.same_answer(ids_a, mask_a, ids_b, mask_b).tolist() == [True, False, False]
+    assert tempo.same_answer(ids_a, mask_a, ids_b, mask_b).tolist() == [True, False, False]
 
 
 def test_prompt_of_undoes_append_completion():
     """The rejected answer is scored under the clean prompt: prompt_of must give back exactly that prompt."""
-    prompt = dpo.BatchFeature({"input_ids": torch.tensor([[0, 3, 4], [5, 6, 7]]),
+    prompt = tempo.BatchFeature({"input_ids": torch.tensor([[0, 3, 4], [5, 6, 7]]),
                                    "attention_mask": torch.tensor([[0, 1, 1], [1, 1, 1]]),
                                    "mm_token_type_ids": torch.tensor([[0, 2, 0], [2, 2, 0]]),
                                    "pixel_values_videos": torch.randn(6, 4),
                                    "video_grid_thw": torch.tensor([[1, 1, 3]] * 2)})
     seq = rollout.append_completion(prompt, torch.tensor([[8, 9], [8, 0]]), torch.tensor([[1, 1], [1, 0]]))
-    back = dpo.prompt_of(seq, 2)
+    back = tempo.prompt_of(seq, 2)
     assert set(back) == set(prompt)
     for k in prompt:
         assert torch.equal(back[k], prompt[k]), k
@@ -110,7 +110,7 @@ def test_reorderings_keep_shape_and_frames(kind):
     rng = np.random.default_rng(0)
     for n in (16, 10, 4):
         for r in (16, 8, 4, 2):
-            out = dpo.perturb(_frames(n), r, kind, rng)
+            out = tempo.perturb(_frames(n), r, kind, rng)
             assert out.shape == (n, 2, 2, 3) and out.dtype == np.uint8
             assert sorted(_sources(out)) == list(range(n))       # the same multiset of frames
             assert _sources(out) != list(range(n))               # but not in the original order
@@ -119,28 +119,28 @@ def test_reorderings_keep_shape_and_frames(kind):
 def test_strength_sets_the_group_size():
     rng = np.random.default_rng(1)
     # reverse: r 16 on 16 frames reverses every frame; r 2 swaps the two halves, each in its own order
-    assert _sources(dpo.perturb(_frames(), 16, "reverse", rng)) == list(range(15, -1, -1))
-    assert _sources(dpo.perturb(_frames(), 2, "reverse", rng)) == list(range(8, 16)) + list(range(8))
-    assert _sources(dpo.perturb(_frames(), 4, "reverse", rng)) == [12, 13, 14, 15, 8, 9, 10, 11, 4, 5, 6, 7, 0, 1, 2, 3]
+    assert _sources(tempo.perturb(_frames(), 16, "reverse", rng)) == list(range(15, -1, -1))
+    assert _sources(tempo.perturb(_frames(), 2, "reverse", rng)) == list(range(8, 16)) + list(range(8))
+    assert _sources(tempo.perturb(_frames(), 4, "reverse", rng)) == [12, 13, 14, 15, 8, 9, 10, 11, 4, 5, 6, 7, 0, 1, 2, 3]
     # shuffle r 2: two groups of 8, and never the unchanged order, so always the swapped halves
     for _ in range(10):
-        assert _sources(dpo.perturb(_frames(), 2, "shuffle", rng)) == list(range(8, 16)) + list(range(8))
+        assert _sources(tempo.perturb(_frames(), 2, "shuffle", rng)) == list(range(8, 16)) + list(range(8))
     # shuffle: groups of n // r consecutive frames stay whole, so r 16 breaks the timeline far more than r 2
-    strong = [_breaks(_sources(dpo.perturb(_frames(), 16, "shuffle", rng))) for _ in range(20)]
+    strong = [_breaks(_sources(tempo.perturb(_frames(), 16, "shuffle", rng))) for _ in range(20)]
     for r, g in ((8, 2), (4, 4)):
-        out = _sources(dpo.perturb(_frames(), r, "shuffle", rng))
+        out = _sources(tempo.perturb(_frames(), r, "shuffle", rng))
         assert all(out[i:i + g] == list(range(out[i], out[i] + g)) for i in range(0, 16, g))
         assert out[0] % g == 0
     assert min(strong) > 1 and np.mean(strong) > 8
     # a clip shorter than r: one frame per group (clamped), still a real shuffle
-    assert sorted(_sources(dpo.perturb(_frames(6), 16, "shuffle", rng))) == list(range(6))
+    assert sorted(_sources(tempo.perturb(_frames(6), 16, "shuffle", rng))) == list(range(6))
 
 
 @pytest.mark.parametrize("r, kept", [(16, 1), (8, 2), (4, 4), (2, 8)])
 def test_drop_keeps_n_over_r_frames_and_the_count(r, kept):
     rng = np.random.default_rng(2)
     for _ in range(20):
-        src = _sources(dpo.perturb(_frames(), r, "drop", rng))
+        src = _sources(tempo.perturb(_frames(), r, "drop", rng))
         assert len(src) == 16                                    # the count stays (repeats fill the gaps)
         assert len(set(src)) == kept                              # n // r frames survive
         assert src == sorted(src)                                 # time still runs forward
@@ -154,17 +154,17 @@ def test_mix_uses_all_three_kinds():
     reversed_groups = [12, 13, 14, 15, 8, 9, 10, 11, 4, 5, 6, 7, 0, 1, 2, 3]  # reverse at r 4 (a shuffle rarely)
     seen = []
     for _ in range(60):
-        src = _sources(dpo.perturb(_frames(), 4, "mix", rng))
+        src = _sources(tempo.perturb(_frames(), 4, "mix", rng))
         seen.append("drop" if len(set(src)) < 16 else "reverse" if src == reversed_groups else "shuffle")
     assert all(seen.count(kind) >= 10 for kind in ("drop", "shuffle", "reverse")), seen  # ~20 each
     with pytest.raises(ValueError, match="unknown perturbation"):
-        dpo.perturb(_frames(), 4, "blur", rng)
+        tempo.perturb(_frames(), 4, "blur", rng)
 
 
 # ----------------------------------------------------------------------------- smoke run
 def test_smoke_two_stages_weights_move(tiny, tmp_path):
     """2 steps, one per stage (r 16 then 2): one joined log, pair stats, first-step loss log 2, weights move."""
-    out = _run("dpo.py", tiny, tmp_path, "--steps", "2", "--strengths", "16,2", "--micro-batch", "4",
+    out = _run("neighbours.tempo", tiny, tmp_path, "--steps", "2", "--strengths", "16,2", "--micro-batch", "4",
                "--min-changes", "2")
     assert "student before" in out and "temporally rich:" in out
     log = [json.loads(x) for x in open(tmp_path / "log.jsonl")]
@@ -185,21 +185,21 @@ def test_scene_changes_count_the_event_boundaries_inside_the_clip(tiny):
     """A miniature clip changes where its shape appears and where it goes, unless that is the clip's edge; the
     background's brightening each second is not a change."""
     samples = data.load_annotations(tiny["train"])
-    counts = [dpo.scene_changes(data.load_video(s.video)[0]) for s in samples]
+    counts = [tempo.scene_changes(data.load_video(s.video)[0]) for s in samples]
     assert counts == [(s.span[0] > 0) + (s.span[1] < s.duration) for s in samples]
-    rich = dpo.temporally_rich(samples, 2)
+    rich = tempo.temporally_rich(samples, 2)
     assert rich == [s for s, n in zip(samples, counts) if n >= 2] and 0 < len(rich) < len(samples)
 
 
 def test_pre_sft_pauses_and_resumes_the_students_sft_exactly(tiny, tmp_path):
     """--pre-sft: half the student's SFT, DPO, the rest of the SFT. With DPO's lr ~0 the result is the miniature
     student itself: the SFT is rebuilt with its own seed, data and schedule, and resumes where it paused."""
-    out = _run("dpo.py", tiny, tmp_path, "--pre-sft", "--steps", "2", "--strengths", "16", "--micro-batch", "4",
+    out = _run("neighbours.tempo", tiny, tmp_path, "--pre-sft", "--steps", "2", "--strengths", "16", "--micro-batch", "4",
                "--min-changes", "0", "--lr", "1e-12")
     rows = json.load(open(tmp_path / "summary.json"))
     assert list(rows) == ["SFT only", "half SFT", "half SFT + DPO", "half SFT + DPO + rest of SFT"]
     assert "SFT only" in out
-    # toy.build rounds its metrics to 0.1
+    # miniature.build rounds its metrics to 0.1
     assert rows["half SFT + DPO + rest of SFT"]["mIoU"] == pytest.approx(rows["SFT only"]["mIoU"], abs=0.05)
     final, student, half = (_weights(p) for p in (tmp_path / "final", tiny["student"], tmp_path / "halfway"))
     diff = max((final[k] - student[k]).abs().max().item() for k in student)

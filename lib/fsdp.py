@@ -1,14 +1,17 @@
-"""Several processes: `torchrun --nproc_per_node N opd.py ...` (or grpo.py, dpo.py, ...) with PyTorch's FSDP2.
+"""Several processes: `torchrun --nproc_per_node N opd.py ...` (or grpo.py, tvdf.py, -m neighbours.visd, ...) with
+PyTorch's FSDP2.
 
 Each of the N copies shards the student and the teacher with `fully_shard` (every rank holds 1/N of each weight and
-gathers a layer only while running it), takes its own 1/N of each step's prompts (opd.plan), and FSDP averages the
+gathers a layer only while running it), takes its own 1/N of each step's prompts (lib/run.py's plan), and FSDP averages the
 gradients. A plain `python opd.py` is rank 0 of 1 and none of this runs. On CPU the same path runs with the gloo
 backend (tests/test_distributed.py).
 """
+import contextlib
 import os
 
 import torch
 import torch.distributed as dist
+
 
 def init_distributed():
     """Join torchrun's process group (NCCL on GPUs, gloo on CPU); a no-op for a single process."""
@@ -51,6 +54,24 @@ def shard(model):
     # the model's forward, which would make a vision block a root of its own: fix the structure now instead.
     model._get_fsdp_state()._lazy_init()
     return model
+
+
+@contextlib.contextmanager
+def gathered(model):
+    """Inside: an FSDP2 model's top-level weights gathered, for what runs parts of it outside its forward
+    (generate's vision tower); nothing for a plain model."""
+    if hasattr(model, "unshard"):
+        model.unshard()
+    try:
+        yield
+    finally:
+        if hasattr(model, "reshard"):
+            model.reshard()
+
+
+def autocast(args, model):
+    """bf16 autocast around the forward passes with --bf16 (GPU users), else a context that does nothing."""
+    return torch.autocast(model.device.type, torch.bfloat16, enabled=args.bf16)
 
 
 def save_model(model, processor, path):

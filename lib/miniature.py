@@ -1,6 +1,6 @@
 """The built-in miniature: a real Qwen3-VL teacher and student, built and trained offline.
 
-It ships built in miniature/ (MANIFEST.json: a sha256 per file, the versions that built it); `python toy.py --out DIR`
+It ships built in miniature/ (MANIFEST.json: a sha256 per file, the versions that built it); `python -m lib.miniature --out DIR`
 rebuilds it from scratch. Its SFT is chaotic: other library versions or another CPU can give another miniature (the
 stops in build are what a build fixes, not the models). A build makes:
   1. mp4 clips (read like Charades videos): coloured shapes, each visible during its own whole-second interval; the
@@ -28,8 +28,8 @@ import data
 import eval as ev
 import rollout
 
-MINIATURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "miniature")  # the shipped build
-REBUILD = "runs/toy"  # `python toy.py`'s default --out (runs/ is ignored by git)
+MINIATURE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "miniature")  # the shipped build
+REBUILD = "runs/toy"  # `python -m lib.miniature`'s default --out (runs/ is ignored by git)
 
 COLOURS = {"red": (230, 30, 30), "green": (30, 200, 30), "blue": (40, 60, 240)}
 SHAPES = ("circle", "square", "triangle")

@@ -1,41 +1,66 @@
-"""The command line and the run folder, shared by the training scripts (opd.py, grpo.py, tvdf.py, dpo.py, ...).
+"""The command line of the training scripts (opd.py, grpo.py, tvdf.py, neighbours/...) and its checks.
 
     args = cli.parse(Args, MINIATURE)      # flags from a dataclass; the miniature's values when no models are named
     cli.start_run(args)                    # every input checked, the miniature built, --out made safe to write
-    ... cli.open_run / cli.write / cli.save / cli.stop_on_signal   # opd.train: resume, log.jsonl, checkpoints, Ctrl-C
 
 Everything a user can get wrong is refused here, as one line and exit code 2 (data.run), before a model loads or
 --out is touched: a flag's range or choice, a model path, the annotations and their videos, a finished run in --out.
 """
 import argparse
-import contextlib
 import dataclasses
-import functools
 import inspect
-import json
 import os
 import re
 import shutil
-import signal
 import sys
-
-import torch
-from tqdm import tqdm
+import typing
+from dataclasses import dataclass
 
 import data
-import fsdp
-import memory
 import rollout
-import toy
+from lib import fsdp, memory, miniature, run
 
 
-def parse(cls, miniature, drop=(), choices=None, bounds=None):
-    """Command line -> cls instance: every dataclass field but `drop` is a flag, its --help line the comment beside
-    the field; the miniature's values fill in what the user did not give when every model/data named (if any) is
-    part of the miniature (of_miniature).
+@dataclass
+class RunArgs:
+    """The flags of a run that are not the method's: every training script's Args adds its own to these."""
+    out: str = None                 # run folder: log.jsonl, checkpoint/, final/
+    eval_data: str = None           # test annotations for periodic greedy evaluation (default: miniature test)
+    video_root: str = None          # folder with the videos (default: each annotation file's folder)
+    eval_every: int = 20            # greedy evaluation every N steps (0: only before and after)
+    eval_limit: int = 0             # evaluate on the first N test queries only (0: all)
+    save_every: int = 50            # checkpoint every N steps, at the end, and on Ctrl-C / SIGTERM
+    resume: bool = False            # continue the run in --out from its checkpoint
+    overwrite: bool = False         # replace the run already in --out (without it or --resume: refused)
+    skip_bad: bool = False          # train without samples whose video file is missing (else: refused)
+    num_workers: int = 1            # DataLoader processes decoding the next steps' videos (0: in the main process)
+    share_prompt: bool = True       # each video through each vision tower once per step, a group's prompt through
+    #                                 the LLM once per forward (ours, same numbers; off: a copy per rollout)
+    gradient_checkpointing: bool = False  # trade compute for activation memory (GPU users)
+    bf16: bool = False              # bf16 autocast for forward passes (GPU users)
+    force: bool = False             # start even when the memory estimate exceeds the GPU's free memory (lib/memory.py)
+    seed: int = 0                   # seeds prompt order, sampling and init
 
-    choices: {field: allowed values} (a typo must not fall back to a default); bounds: {field: (low, inclusive)}.
-    Bad values are a DataError before anything runs.
+
+# The numeric flags' lower bounds: (bound, True if the bound itself is allowed), for every script's flags of these
+# names; a script passes its own to parse (bounds=) where a name means something else there.
+BOUNDS = dict(steps=(1, True), prompts_per_step=(1, True), rollouts_per_prompt=(1, True), micro_batch=(1, True),
+              lr=(0, False), warmup_steps=(0, True), weight_decay=(0, True), grad_clip=(0, False),
+              temperature=(0, False), max_new_tokens=(1, True), kl_chunk=(1, True), fps=(0, False),
+              max_frames=(2, True), num_workers=(0, True), eval_every=(0, True), eval_limit=(0, True),
+              save_every=(1, True), group_size=(1, True), ppo_epochs=(1, True), clip_eps=(0, False),
+              rounds=(1, True), k=(1, True), pool=(0, True), teacher_samples=(1, True))
+# What only distillation uses: grpo.py and the scripts built on it leave these out of their command lines
+DISTILLATION_ONLY = ("teacher", "loss", "rollouts", "rollouts_per_prompt", "kl_chunk")
+
+
+def parse(cls, defaults, drop=(), bounds=None):
+    """Command line -> cls instance: every dataclass field but `drop` is a flag (the script's own first, then
+    RunArgs'), its --help line the comment beside the field; `defaults`, the miniature's values, fill in what the user
+    did not give when every model/data named (if any) is part of the miniature (of_miniature).
+
+    A Literal field takes one of its values (a typo must not fall back to a default); a numeric one its bound in
+    BOUNDS, or in `bounds` {field: (low, inclusive)}. Bad values are a DataError before anything runs.
     """
     helps = {}  # a field's comment, with the comment lines right under it
     for c in reversed(cls.__mro__[:-1]):
@@ -44,23 +69,27 @@ def parse(cls, miniature, drop=(), choices=None, bounds=None):
     p = argparse.ArgumentParser(description=sys.modules[cls.__module__].__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.error = data.refuse  # one line, not the whole usage
+    run_flags = {f.name for f in dataclasses.fields(RunArgs)}
     fields = [f for f in dataclasses.fields(cls) if f.name not in drop]
+    fields.sort(key=lambda f: f.name in run_flags)  # the method's flags first in --help
+    bounds = BOUNDS | (bounds or {})
     for f in fields:
-        default = f"default: {f.default}" if f.name not in miniature else \
-            f"default: {miniature[f.name]} on the miniature, {f.default} with --student/--data"
+        default = f"default: {f.default}" if f.name not in defaults else \
+            f"default: {defaults[f.name]} on the miniature, {f.default} with --student/--data"
+        choices = typing.get_args(f.type) if typing.get_origin(f.type) is typing.Literal else None
         kind = dict(action=argparse.BooleanOptionalAction) if f.type is bool else dict(
-            type=f.type if f.type in (int, float) else str, choices=(choices or {}).get(f.name))
+            type=f.type if f.type in (int, float) else str, choices=choices)
         p.add_argument("--" + f.name.replace("_", "-"), default=argparse.SUPPRESS,
                        help=f"{helps.get(f.name, '')} ({default})", **kind)
     given = vars(p.parse_args())
     for name, value in given.items():
-        low, inclusive = (bounds or {}).get(name, (None, True))
+        low, inclusive = bounds.get(name, (None, True))
         if low is not None and (value < low or (value == low and not inclusive)):
             raise data.DataError(f"--{name.replace('_', '-')} must be {'>=' if inclusive else '>'} {low} (got {value})")
     # the miniature's settings unless a named model or data file is not part of it (its weaker teacher or noisy pool
     # keep them; a real checkpoint, or another folder, gets the paper's)
     on_miniature = all(of_miniature(given[k]) for k in ("student", "teacher", "data") if given.get(k))
-    args = cls(**{**(miniature if on_miniature else {}), **given})
+    args = cls(**{**(defaults if on_miniature else {}), **given})
     names = {f.name for f in fields}
     settings = ", ".join(f"{k.replace('_', ' ')} {getattr(args, k)}" for k in (
         "steps", "lr", "loss", "prompts_per_step", "group_size", "max_new_tokens") if k in names)
@@ -71,7 +100,8 @@ def parse(cls, miniature, drop=(), choices=None, bounds=None):
 
 def of_miniature(path):
     """Whether a model folder or annotation file is part of the shipped miniature, or of its rebuild in runs/toy."""
-    return any(os.path.abspath(path).startswith(os.path.abspath(out) + os.sep) for out in (toy.MINIATURE, toy.REBUILD))
+    return any(os.path.abspath(path).startswith(os.path.abspath(out) + os.sep) for out in (miniature.MINIATURE,
+                                                                                   miniature.REBUILD))
 
 
 def check_models(args, flags):
@@ -86,7 +116,7 @@ def resolve_miniature(args):
     if not (args.student and args.data):  # real runs name their own models and data (grpo.py has no teacher)
         if fsdp.rank() > 0:
             fsdp.barrier()  # under torchrun rank 0 builds (or finds) the miniature while the others wait
-        paths = toy.build(toy.MINIATURE)
+        paths = miniature.build(miniature.MINIATURE)
         if fsdp.rank() == 0:
             fsdp.barrier()
         args.student = args.student or paths["student"]
@@ -94,12 +124,6 @@ def resolve_miniature(args):
         args.data = args.data or paths["train"]
         args.eval_data = getattr(args, "eval_data", None) or paths["test"]
     return args
-
-
-def checkpoint_step(out):
-    """The optimizer steps the checkpoint in run folder `out` has trained (its step.json; nothing else is read)."""
-    with open(f"{out}/checkpoint/step.json") as f:
-        return json.load(f)["step"]
 
 
 def start_run(args, models=("student", "teacher"), frozen=None):
@@ -122,7 +146,7 @@ def start_run(args, models=("student", "teacher"), frozen=None):
     if getattr(args, "resume", False):
         if not os.path.exists(f"{args.out}/checkpoint/step.json"):
             raise data.DataError(f"--resume: no checkpoint in {args.out}/checkpoint")
-        done = checkpoint_step(args.out)
+        done = run.checkpoint_step(args.out)
         if done >= args.steps:  # nothing to train: the finished run stays as it is
             raise data.DataError(f"--resume: {args.out} has trained {done} of --steps {args.steps}; raise --steps "
                                  "to continue it")
@@ -134,67 +158,3 @@ def start_run(args, models=("student", "teacher"), frozen=None):
             shutil.rmtree(args.out)
         fsdp.barrier()
     return args
-
-
-# ----------------------------------------------------------------------------- the run folder while opd.train runs
-def open_run(args, student, opt, sched):
-    """The run folder at the start of train -> (first step, training wall-clock so far, log.jsonl open for writing,
-    the log records kept). On --resume: the optimizer, scheduler and RNG from the checkpoint, and the log up to it
-    (a killed run may have logged steps after the checkpoint)."""
-    os.makedirs(args.out, exist_ok=True)
-    start, wall, kept = 0, 0.0, []
-    if args.resume:
-        state = torch.load(f"{args.out}/checkpoint/state.pt", weights_only=False)
-        fsdp.load_optimizer_state(student, opt, state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["torch_rng"])
-        start, wall = state["step"], state["wall"]
-        if os.path.exists(f"{args.out}/log.jsonl"):
-            kept = [r for r in map(json.loads, open(f"{args.out}/log.jsonl")) if r["step"] <= start]
-    fsdp.barrier()  # every rank has read the old log before rank 0 rewrites it
-    log = open(f"{args.out}/log.jsonl" if fsdp.rank() == 0 else os.devnull, "w")  # rank 0 logs for all
-    log.writelines(json.dumps(r) + "\n" for r in kept)
-    return start, wall, log, kept
-
-
-def write(log, record):
-    """One record as one line of log.jsonl, on disk at once (a killed run keeps what it logged)."""
-    log.write(json.dumps(record) + "\n")
-    log.flush()
-
-
-def save(args, student, processor, opt, sched, step, wall):
-    """A checkpoint plain transformers can load (student + processor) plus what --resume needs. Every rank calls
-    it (gathering the shards is collective); rank 0 writes."""
-    path = f"{args.out}/checkpoint"
-    fsdp.save_model(student, processor, path)
-    state = fsdp.optimizer_state(student, opt)
-    if fsdp.rank() == 0:
-        torch.save({"optimizer": state, "scheduler": sched.state_dict(), "torch_rng": torch.get_rng_state(),
-                    "step": step, "wall": wall, "args": dataclasses.asdict(args)}, f"{path}/state.pt")
-        with open(f"{path}/step.json", "w") as f:  # what --resume checks before loading anything
-            json.dump({"step": step}, f)
-    fsdp.barrier()  # nobody reads the checkpoint before rank 0 has written it
-
-
-@contextlib.contextmanager
-def stop_on_signal():
-    """Inside: Ctrl-C or SIGTERM asks the loop to stop after this step (the yielded list gets the signal), a second
-    Ctrl-C stops at once. The previous handlers come back on the way out, also when a step raises."""
-    stop = []
-    handler = functools.partial(_interrupt, stop)
-    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield stop
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
-def _interrupt(stop, signum, frame):
-    """Signal handler of stop_on_signal: the first signal asks the loop to stop after this step, a second stops
-    now."""
-    if stop:
-        raise KeyboardInterrupt
-    stop.append(signum)
-    tqdm.write("stopping after this step (Ctrl-C again to stop now)")

@@ -1,7 +1,7 @@
 """VISD: structured self-distillation on GRPO (Lin et al. 2026, arXiv 2605.06094; code Koreyoshi01/VISD).
 
-    python visd.py                                   # the miniature student, GRPO's budget
-    python visd.py --student Qwen/Qwen3-VL-8B-Instruct --data train.json --eval-data test.json
+    python -m neighbours.visd                                # the miniature student, GRPO's budget
+    python -m neighbours.visd --student Qwen/Qwen3-VL-8B-Instruct --data train.json --eval-data test.json
 
 GRPO's group advantage A_i still decides the direction of each rollout's update; a teacher decides how the credit
 is spread over its tokens. The teacher is an EMA copy of the policy that reads privileged information: a judge's
@@ -27,13 +27,12 @@ from dataclasses import dataclass
 
 import torch
 
-import cli
 import data
 import eval as ev
-import fsdp
 import grpo
 import opd
 import rollout
+from lib import cli, fsdp, run
 
 
 @dataclass
@@ -46,8 +45,8 @@ class VISDArgs(grpo.GRPOArgs):
 
 
 MINIATURE = grpo.MINIATURE | dict(visd_anneal_steps=150)
-BOUNDS = grpo.BOUNDS | dict(visd_decay=(0, True), visd_clip=(0, False), visd_lambda=(0, True),
-                            visd_anneal_steps=(1, True))
+BOUNDS = dict(beta=(0, True), visd_decay=(0, True), visd_clip=(0, False), visd_lambda=(0, True),
+              visd_anneal_steps=(1, True))
 
 
 def visd_advantages(advantages, teacher_logp, old_logp, clip, lam=1.0):
@@ -87,7 +86,7 @@ def ema_update(teacher, student, decay):
 
 
 def main():
-    args = cli.parse(VISDArgs, MINIATURE, drop=opd.DISTILLATION_ONLY, choices=opd.CHOICES, bounds=BOUNDS)
+    args = cli.parse(VISDArgs, MINIATURE, drop=cli.DISTILLATION_ONLY, bounds=BOUNDS)
     fsdp.init_distributed()
     # frozen: the EMA teacher (fp32, below) and, with --beta, the k3 KL's reference
     cli.start_run(args, models=("student",), frozen=[("student", 4)] + (["student"] if args.beta else []))
@@ -99,7 +98,7 @@ def main():
     # the teacher: the policy itself at the start, then its EMA; loaded again from disk because FSDP modules cannot
     # be deepcopied. Not checkpointed: --resume restarts it from the checkpoint's student.
     teacher, _ = opd.load_frozen(f"{args.out}/checkpoint" if args.resume else args.student, dtype=torch.float32)
-    done = [cli.checkpoint_step(args.out) if args.resume else 0]  # optimizer steps so far, for the schedule
+    done = [run.checkpoint_step(args.out) if args.resume else 0]  # optimizer steps so far, for the schedule
 
     def score(seq, ids, mask, ious, chunk, videos):
         """GRPO's advantages, and the judged EMA teacher's log-probs of the same rollout tokens."""
@@ -129,7 +128,7 @@ def main():
 
     evals = opd.train(args, student, processor, score, loss_fn, group=args.group_size, epochs=args.ppo_epochs,
                       after_step=after_step, token_mean=True)
-    opd.finish(args, student, processor, evals)
+    run.finish(args, student, processor, evals)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,9 @@
 """TEMPO: temporal preference optimisation, DPO on pairs made by corrupting the video's time axis.
 
-    python dpo.py                                    # the miniature student, same budget as python opd.py
-    python dpo.py --pre-sft                          # Pre-SFT alignment: DPO halfway through the student's SFT
-    python dpo.py --perturbation mix --strengths 16,8,4,2 --min-changes 0
-    python dpo.py --student Qwen/Qwen3-VL-8B-Instruct --data train.json --eval-data test.json
+    python -m neighbours.tempo                       # the miniature student, same budget as python opd.py
+    python -m neighbours.tempo --pre-sft             # Pre-SFT alignment: DPO halfway through the student's SFT
+    python -m neighbours.tempo --perturbation mix --strengths 16,8,4,2 --min-changes 0
+    python -m neighbours.tempo --student Qwen/Qwen3-VL-8B-Instruct --data train.json --eval-data test.json
 
 Before any pair is built, only temporally rich clips are kept (`temporally_rich`: at least --min-changes scene
 changes). Per step and prompt: the student answers on the clean video (chosen) and on a temporally perturbed copy
@@ -38,30 +38,31 @@ Scheduling and Pre-SFT Alignment", renamed TEMPLE from v2; code lscpku/TEMPLE). 
 import json
 import os
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from transformers import AutoProcessor, BatchFeature
 
-import cli
 import data
 import eval as ev
-import fsdp
 import opd
 import rollout
-import toy
 import tvdf
+from lib import cli, fsdp, run
+from lib import miniature as toy
 
 KINDS = ("drop", "shuffle", "reverse")
 
 
 @dataclass
 class DPOArgs(opd.Args):
-    out: str = "runs/dpo"           # run folder: log.jsonl (all stages), r16/ r8/ ... (one per stage), final/
+    out: str = "runs/tempo"           # run folder: log.jsonl (all stages), r16/ r8/ ... (one per stage), final/
     beta: float = 0.1               # DPO temperature on the log-ratio margin
     strengths: str = "16,8,4,2"     # perturbation strengths r, one curriculum stage each, in this order (easy first)
-    perturbation: str = "shuffle"   # drop | shuffle | reverse | mix (one of the three drawn per video)
+    perturbation: Literal[KINDS + ("mix",)] = "shuffle"  # drop | shuffle | reverse | mix (one of the three drawn
+    #                                 per video)
     min_changes: int = 4            # temporally rich clips only: at least this many scene changes (0: all clips)
     pre_sft: bool = False           # Pre-SFT alignment: DPO on the miniature student halfway through its SFT, then
     #                                 the rest of its SFT (miniature only)
@@ -72,7 +73,7 @@ class DPOArgs(opd.Args):
 # "The earlier miniature").
 # min_changes 2: a miniature clip has at most two scene changes (its shape appears, its shape goes).
 MINIATURE = opd.MINIATURE | dict(lr=1e-5, min_changes=2)
-BOUNDS = opd.BOUNDS | dict(beta=(0, False), min_changes=(0, True))
+BOUNDS = dict(beta=(0, False), min_changes=(0, True))
 
 
 # ----------------------------------------------------------------------------- temporally rich videos
@@ -166,8 +167,7 @@ def prompt_of(seq, T):
 
 def main():
     # no --resume: the curriculum runs as separate opd.train stages
-    args = cli.parse(DPOArgs, MINIATURE, drop=opd.DISTILLATION_ONLY + ("resume",),
-                     choices=opd.CHOICES | {"perturbation": KINDS + ("mix",)}, bounds=BOUNDS)
+    args = cli.parse(DPOArgs, MINIATURE, drop=cli.DISTILLATION_ONLY + ("resume",), bounds=BOUNDS)
     fsdp.init_distributed()
     cli.start_run(args, models=("student",), frozen=("student",))
     torch.manual_seed(args.seed)
@@ -178,7 +178,6 @@ def main():
     student, processor = opd.load_student(args)
     ref, _ = opd.load_frozen(args.student)  # the frozen initial student: DPO's reference
     forbidden = rollout.forbidden_ids(processor)
-    autocast = torch.autocast(student.device.type, torch.bfloat16, enabled=args.bf16)
 
     def make_score(r):
         def score(seq, ids, mask, ious, chunk, videos):
@@ -206,7 +205,7 @@ def main():
     def loss_fn(logits, ids, mask, old_logp, scored):
         """DPO: the chosen answer's logits come from opd.train, the rejected one's are computed here."""
         r_ids = scored["rejected_ids"]
-        with autocast:
+        with fsdp.autocast(args, student):
             r_logits = rollout.completion_logits(student, scored["rejected_seq"], r_ids.shape[1], args.temperature,
                                                  forbidden)
         return dpo_loss(sequence_logp(logits, ids, mask), sequence_logp(r_logits, r_ids, scored["rejected_mask"]),
@@ -216,7 +215,7 @@ def main():
     optimizer = opd.make_optimizer(args, student)  # one AdamW and warm-up over all stages: a stage is not a restart
     evals = tvdf.train_in_stages(args, [f"r{r}" for r in strengths], lambda i, stage_args: opd.train(
         stage_args, student, processor, make_score(strengths[i]), loss_fn, pool=pool, optimizer=optimizer))
-    opd.finish(args, student, processor, evals)
+    run.finish(args, student, processor, evals)
     if args.pre_sft:
         rest_of_sft(args, student, processor, evals, *sft)
 
@@ -228,7 +227,7 @@ def halfway_student(args):
     paths = toy.miniature_paths(os.path.dirname(os.path.abspath(args.student)))
     report = json.load(open(paths["metrics"])) if os.path.exists(paths["metrics"]) else {}
     if "config" not in report or paths["student"] != os.path.abspath(args.student) or fsdp.world() > 1:
-        raise data.DataError("--pre-sft rebuilds the SFT of a student toy.py built (its metrics.json records how): "
+        raise data.DataError("--pre-sft rebuilds the SFT of a student lib/miniature.py built (its metrics.json records how): "
                              "only on the miniature, in one process")
     cfg = toy.ToyConfig(**report["config"])
     processor = AutoProcessor.from_pretrained(paths["student"])

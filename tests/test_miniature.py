@@ -1,4 +1,4 @@
-"""toy.py: the reduced build in the default suite; the full build's targets under `pytest -m slow`."""
+"""lib/miniature.py: the reduced build in the default suite; the full build's targets under `pytest -m slow`."""
 import json
 import os
 
@@ -7,7 +7,7 @@ import pytest
 import data
 import eval as ev
 import rollout
-import toy
+from lib import miniature
 
 
 def test_reduced_build_gives_loadable_models_and_parseable_answers(tiny):
@@ -21,13 +21,13 @@ def test_reduced_build_gives_loadable_models_and_parseable_answers(tiny):
     # the clips are real video files decord reads, and the query names a colour and a shape
     frames, meta = data.load_video(samples[0].video)
     assert frames.shape[1:] == (32, 32, 3) and meta["fps"] == 4.0
-    assert any(c in samples[0].query for c in toy.COLOURS) and any(s in samples[0].query for s in toy.SHAPES)
+    assert any(c in samples[0].query for c in miniature.COLOURS) and any(s in samples[0].query for s in miniature.SHAPES)
     # the annotations name their videos relative to themselves, so a built miniature can move (and ship)
     assert all(not json.loads(line)["video"].startswith("/") for line in open(tiny["test"]))
     # a parseable answer needs a model that learned the format: teach the reduced teacher the format in a few steps
-    cfg = toy.ToyConfig.reduced()
+    cfg = miniature.ToyConfig.reduced()
     videos = [data.load_video(s.video) for s in samples]
-    toy.sft(model, processor, samples, videos, 60, cfg, "format", eval_every=10**6)
+    miniature.sft(model, processor, samples, videos, 60, cfg, "format", eval_every=10**6)
     rows = ev.predict(model, processor, samples[:4])
     assert any(r["pred"] is not None for r in rows), [r["answer"] for r in rows]
 
@@ -39,16 +39,16 @@ def test_shipped_miniature_is_its_manifest(shipped):
     import hashlib
     import re
     from conftest import REPO
-    manifest = json.load(open(os.path.join(toy.MINIATURE, "MANIFEST.json")))
-    present = sorted(os.path.relpath(os.path.join(d, f), toy.MINIATURE)
-                     for d, _, files in os.walk(toy.MINIATURE) for f in files)
+    manifest = json.load(open(os.path.join(miniature.MINIATURE, "MANIFEST.json")))
+    present = sorted(os.path.relpath(os.path.join(d, f), miniature.MINIATURE)
+                     for d, _, files in os.walk(miniature.MINIATURE) for f in files)
     assert sorted(manifest["sha256"]) == [n for n in present if n != "MANIFEST.json"]
     changed = [n for n, digest in manifest["sha256"].items()
-               if hashlib.sha256(open(os.path.join(toy.MINIATURE, n), "rb").read()).hexdigest() != digest]
+               if hashlib.sha256(open(os.path.join(miniature.MINIATURE, n), "rb").read()).hexdigest() != digest]
     assert changed == []
     pins = dict(re.findall(r"^([\w-]+)==(\S+)$", (REPO / "requirements.txt").read_text(), re.M))
     pins = {name.lower().replace("_", "-"): v for name, v in pins.items()}
-    assert {n: v for n, v in manifest["built_with"].items() if n != "python"} == {n: pins[n] for n in toy.BUILT_WITH}
+    assert {n: v for n, v in manifest["built_with"].items() if n != "python"} == {n: pins[n] for n in miniature.BUILT_WITH}
     for name in ("student", "teacher", "teacher_weak", "train", "train_noisy", "val", "test", "metrics"):
         assert os.path.exists(shipped[name]), name
 
@@ -60,7 +60,7 @@ def test_shipped_models_give_their_metrics(shipped, name):
     report = json.load(open(shipped["metrics"]))[name]
     model, processor = rollout.load_model(shipped[name])
     samples = data.load_annotations(shipped["test"])
-    got = toy.toy_metrics(model, processor, samples, [data.load_video(s.video) for s in samples])
+    got = miniature.toy_metrics(model, processor, samples, [data.load_video(s.video) for s in samples])
     assert got["parseable"] == report["parseable"]
     assert abs(got["mIoU"] - report["mIoU"]) <= 1.0 and abs(got["distinct"] - report["distinct"]) <= 1, (got, report)
 
@@ -68,7 +68,7 @@ def test_shipped_models_give_their_metrics(shipped, name):
 def test_scripts_default_to_the_shipped_miniature(shipped):
     """With no --student/--data every script trains from miniature/ at once (nothing is built)."""
     import argparse
-    import cli
+    from lib import cli
     args = cli.resolve_miniature(argparse.Namespace(student=None, teacher=None, data=None, eval_data=None))
     assert (args.student, args.teacher, args.data, args.eval_data) == \
         (shipped["student"], shipped["teacher"], shipped["train"], shipped["test"])
@@ -84,7 +84,7 @@ def test_splits_are_separate_clips_and_the_noisy_pool_is_written_down(tiny):
     assert not (videos["train"] & videos["test"])
     noisy = data.load_annotations(tiny["train_noisy"])
     wrong = json.load(open(os.path.join(os.path.dirname(tiny["metrics"]), "noisy.json")))
-    assert len(wrong) == round(toy.ToyConfig.reduced().noisy_share * len(noisy)) > 0
+    assert len(wrong) == round(miniature.ToyConfig.reduced().noisy_share * len(noisy)) > 0
     for clean, given in zip(splits["train"], noisy, strict=True):
         assert (clean.id, clean.video, clean.query) == (given.id, given.video, given.query)
         if clean.id in wrong:
@@ -96,7 +96,7 @@ def test_splits_are_separate_clips_and_the_noisy_pool_is_written_down(tiny):
 
 def test_build_is_cached(tiny):
     mtime = os.path.getmtime(tiny["metrics"])
-    assert toy.build(os.path.dirname(tiny["metrics"]), toy.ToyConfig.reduced()) == tiny
+    assert miniature.build(os.path.dirname(tiny["metrics"]), miniature.ToyConfig.reduced()) == tiny
     assert os.path.getmtime(tiny["metrics"]) == mtime
 
 
@@ -109,7 +109,7 @@ def test_build_does_not_depend_on_the_thread_count(tiny, tmp_path):
     other = 1 if threads > 1 else 2
     torch.set_num_threads(other)
     try:
-        paths = toy.build(str(tmp_path / "toy"), toy.ToyConfig.reduced())
+        paths = miniature.build(str(tmp_path / "toy"), miniature.ToyConfig.reduced())
         assert torch.get_num_threads() == other
     finally:
         torch.set_num_threads(threads)
@@ -120,13 +120,13 @@ def test_build_does_not_depend_on_the_thread_count(tiny, tmp_path):
 
 def test_clip_shows_the_shape_during_its_interval_only(tmp_path):
     import random
-    cfg = toy.ToyConfig(shapes=3)
+    cfg = miniature.ToyConfig(shapes=3)
     path = str(tmp_path / "c.mp4")
-    objs = toy.make_clip(path, random.Random(1), cfg)
+    objs = miniature.make_clip(path, random.Random(1), cfg)
     frames, meta = data.load_video(path)
     times = [i / meta["fps"] for i in meta["frames_indices"]]
     for q, (s, e) in objs:
-        channel = list(toy.COLOURS).index(q.split()[1])
+        channel = list(miniature.COLOURS).index(q.split()[1])
         visible = [(f[..., channel].astype(int) - f.mean(-1) > 60).sum() > 20 for f in frames]
         assert visible == [s <= t < e for t in times], (q, s, e)
 
@@ -135,7 +135,7 @@ def test_clip_shows_the_shape_during_its_interval_only(tmp_path):
 def test_full_build_meets_its_targets(tmp_path):
     """The default miniature (minutes): a good teacher, not a perfect one (headroom), and a weaker student that still
     uses the video."""
-    paths = toy.build(str(tmp_path / "toy"))
+    paths = miniature.build(str(tmp_path / "toy"))
     m = json.load(open(paths["metrics"]))
     assert 80 <= m["teacher"]["mIoU"] <= 92
     assert m["student"]["parseable"] >= 95 and m["student"]["distinct"] >= 10

@@ -12,7 +12,7 @@ Qwen3 decoder layer (ACTIVATION). docs/results.md, "Memory per GPU", compares th
 import torch
 
 import data
-import fsdp
+from lib import fsdp
 
 GB = 2 ** 30  # GiB, as torch.cuda reports memory
 # Bytes one decoder layer keeps for backward per token (4 coefficients: of intermediate_size I, of the query width
