@@ -59,11 +59,14 @@ VIDEO_EXTS = (".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v")
 
 
 def _detect_format(path, text):
-    """'charades_txt' | 'json' | 'qvhighlights' | 'jsonl' from the file's content (not its name)."""
+    """The annotation format (FORMATS) from the file's content, not its name."""
     try:
         obj = json.loads(text)
-        if isinstance(obj, dict) and obj and all(isinstance(v, dict) and "timestamps" in v for v in obj.values()):
+        values = list(obj.values()) if isinstance(obj, dict) else []
+        if values and all(isinstance(v, dict) and "timestamps" in v for v in values):
             return "json"
+        if values and all(isinstance(v, dict) and {"spans", "queries"} <= set(v) for v in values):
+            return "timelens_bench"
     except json.JSONDecodeError:
         pass
     first = next((line for line in text.splitlines() if line.strip()), "")
@@ -74,16 +77,16 @@ def _detect_format(path, text):
     except json.JSONDecodeError:
         raise DataError(f"{path}: unknown annotation format (first line: {first[:80]!r})")
     keys = set(row) if isinstance(row, dict) else set()
-    if "relevant_windows" in keys:
-        return "qvhighlights"
-    if {"video", "query", "span"} <= keys:
-        return "jsonl"
+    for fmt, needed in (("qvhighlights", {"relevant_windows"}), ("timelens_100k", {"video_path", "events"}),
+                        ("swift", {"messages", "videos"}), ("jsonl", {"video", "query", "span"})):
+        if needed <= keys:
+            return fmt
     raise DataError(f"{path}: unknown annotation format (first line: {first[:80]!r})")
 
 
 def _entries(text, fmt):
-    """Yield (where, entry): one key of the JSON format, or one non-empty line of the others."""
-    if fmt == "json":
+    """Yield (where, entry): one key of the JSON formats, or one non-empty line of the others."""
+    if fmt in ("json", "timelens_bench"):
         yield from ((f"key {vid}", (vid, ann)) for vid, ann in json.loads(text).items())
     else:
         yield from ((f"line {n}", line) for n, line in enumerate(text.splitlines(), 1) if line.strip())
@@ -91,11 +94,13 @@ def _entries(text, fmt):
 
 def _parse(fmt, entry):
     """One entry -> [(video, query, start, end, duration)]; raises KeyError/ValueError/... when malformed."""
-    if fmt == "json":
+    if fmt in ("json", "timelens_bench"):
         vid, ann = entry
-        if len(ann["timestamps"]) != len(ann["sentences"]):
-            raise ValueError(f"{len(ann['timestamps'])} timestamps but {len(ann['sentences'])} sentences")
-        return [(vid, q, s, e, ann.get("duration")) for (s, e), q in zip(ann["timestamps"], ann["sentences"])]
+        spans, queries = (ann["timestamps"], ann["sentences"]) if fmt == "json" else (ann["spans"], ann["queries"])
+        if len(spans) != len(queries):
+            raise ValueError(f"{len(spans)} spans but {len(queries)} queries")
+        clean = clean_query if fmt == "timelens_bench" else str  # as TimeLens's loader does
+        return [(vid, clean(q), s, e, ann.get("duration")) for (s, e), q in zip(spans, queries)]
     if fmt == "charades_txt":
         head, _, q = entry.partition("##")
         vid, s, e = head.split()
@@ -103,7 +108,40 @@ def _parse(fmt, entry):
     r = json.loads(entry)
     if fmt == "qvhighlights":  # several windows per query: each is a ground-truth span
         return [(r["vid"], r["query"], s, e, r.get("duration")) for s, e in r["relevant_windows"]]
+    if fmt == "timelens_100k":  # a nested span list: its first span, as TimeLens's training reads it
+        return [(r["video_path"], clean_query(ev["query"]), *_first_span(ev["span"]), r.get("duration"))
+                for ev in r["events"]]
+    if fmt == "swift":
+        return [_swift_row(r)]
     return [(r["video"], r["query"], r["span"][0], r["span"][1], r.get("duration"))]
+
+
+def _first_span(span):
+    """[s, e] or [[s, e], ...] -> (s, e): TimeLens-100K's span, as TimeLens's training reads it."""
+    (s, e) = span[0] if isinstance(span[0], (list, tuple)) else span
+    return s, e
+
+
+def _swift_row(r):
+    """One ms-swift `messages` row (the official Video-OPD release) -> (video, query, start, end, duration). The
+    query is the sentence in the user turn's TimeLens instruction (PROMPT); the span is the assistant turn's answer
+    (the release keeps it nowhere else). Anything else is refused rather than guessed."""
+    turns = {m["role"]: m["content"] for m in r["messages"]}
+    text = lambda c: c if isinstance(c, str) else " ".join(part.get("text", "") for part in c)  # str or parts
+    if len(r["videos"]) != 1:
+        raise ValueError(f"{len(r['videos'])} videos; one per row is read")
+    query = re.search(r"sentence '(.*)', determining", text(turns["user"]), re.S)
+    if query is None:
+        raise ValueError("the user turn holds no TimeLens instruction (\"... the sentence '<query>', determining ...\")")
+    span = parse_span(text(turns["assistant"]))
+    if span is None:
+        raise ValueError("the assistant turn holds no '<start> - <end>' answer")
+    return r["videos"][0], clean_query(query.group(1)), *span, r.get("duration")
+
+
+def clean_query(query):
+    """TimeLens's parse_query: whitespace runs to one space, leading and trailing dots and spaces dropped."""
+    return re.sub(r"\s+", " ", query).strip().strip(".").strip()
 
 
 def load_annotations(path, video_root=None, video_ext=".mp4"):
@@ -239,10 +277,11 @@ def prompt_messages(query, feedback=None):
 
 
 _NUM = r"(\d+(?::\d{1,2}){0,2}(?:\.\d+)?)"  # 12.5 | 1:05 | 01:02:03.5
-_SPAN = re.compile(_NUM + r"\s*(?:-|–|—|to|and|until|till)\s*" + _NUM, re.IGNORECASE)
+_UNIT = r"\s*(?:s|secs?|seconds?)?\s*>?\s*"  # '1.0s', '1.0 seconds', '<1.0 seconds>' (the prompt's own style)
+_SPAN = re.compile(_NUM + _UNIT + r"(?:-|–|—|to|and|until|till)\s*<?\s*" + _NUM, re.IGNORECASE)
 
 
-def _seconds(t):
+def to_seconds(t):
     """'12.5' -> 12.5, '1:05' -> 65.0, '1:02:03' -> 3723.0."""
     out = 0.0
     for part in t.split(":"):
@@ -251,12 +290,14 @@ def _seconds(t):
 
 
 def parse_span(text):
-    """The first '<start> - <end>' (or 'to', mm:ss, hh:mm:ss) in an answer -> (start, end) seconds, else None.
+    """The first '<start> - <end>' (or 'to', mm:ss, hh:mm:ss, a unit after each number) in an answer -> (start,
+    end) seconds, else None.
 
-    Inverted spans are returned as written: the metrics score them IoU 0, as TimeLens does.
+    Inverted spans are returned as written: the metrics score them IoU 0, as TimeLens does. (TimeLens-Bench's own
+    numbers come from TimeLens's parser: eval.timelens_metrics.)
     """
     m = _SPAN.search(text or "")
-    return (_seconds(m.group(1)), _seconds(m.group(2))) if m else None
+    return (to_seconds(m.group(1)), to_seconds(m.group(2))) if m else None
 
 
 # ----------------------------------------------------------------------------- model inputs

@@ -5,13 +5,15 @@
                    [--compare-out runs/compare]
 
 With no --model/--data it evaluates the shipped miniature teacher on the miniature test set.
-Prints R1@0.3/0.5/0.7 and mIoU; writes one JSON line per query to OUT/preds.jsonl beside OUT/setup.json (model,
+Prints R1@0.3/0.5/0.7 and mIoU, ours and TimeLens's scorer (timelens_metrics: how the paper's TimeLens-Bench numbers
+are made); writes one JSON line per query to OUT/preds.jsonl beside OUT/setup.json (model,
 data, decoding settings); an interrupted run resumes there, and only with the same setup.
 --compare reads training runs' log.jsonl files and prints/plots their evaluation curves side by side (lib/report.py).
 """
 import argparse
 import json
 import os
+import re
 
 from tqdm import tqdm
 
@@ -36,6 +38,54 @@ def compute_metrics(pred_spans, gt_spans):
     if not gt_spans:
         raise ValueError("no predictions to score (every sample skipped?)")
     ious = [iou(p, g) for p, g in zip(pred_spans, gt_spans, strict=True)]
+    out = {f"R1@{t}": 100.0 * sum(x >= t for x in ious) / len(ious) for t in THRESHOLDS}
+    out["mIoU"] = 100.0 * sum(ious) / len(ious)
+    return out
+
+
+# TencentARC/TimeLens @ 5d90c06: timelens/utils.py (extract_time, iou), evaluation/eval_dataloader.py (the fallback,
+# the rounding, the key), evaluation/compute_metrics.py (the metrics). Ported, not imported: TimeLens is no package.
+_CLOCK = re.compile(r"\b(\d{1,2}:\d{2}:\d{2}(?:\.\d+)?|\d{1,2}:\d{2}(?:\.\d+)?)\b")
+_PAIRS = (re.compile(r"(\d+\.?\d*)\s*-\s*(\d+\.?\d*)"), re.compile(r"(\d+\.?\d*)\s+to\s+(\d+\.?\d*)"))
+_ANY = re.compile(r"\b(\d+\.\d+|\d+)\b")
+
+
+def timelens_spans(answer):
+    """TimeLens's extract_time: every (start, end) in an answer, by the first rule that finds any: clock times
+    (mm:ss, hh:mm:ss) paired in order; then 'a - b'; then 'a to b'; then any numbers paired in order."""
+    text = answer.lower()
+    clocks = _CLOCK.findall(text)
+    clocks = [data.to_seconds(t) for t in clocks[:len(clocks) // 2 * 2]]
+    if clocks:
+        return list(zip(clocks[::2], clocks[1::2]))
+    for pattern in _PAIRS:
+        found = pattern.findall(text)
+        if found:
+            return [(float(s), float(e)) for s, e in found]
+    numbers = [float(x) for x in _ANY.findall(text)]
+    numbers = numbers[:len(numbers) // 2 * 2]
+    return list(zip(numbers[::2], numbers[1::2]))
+
+
+def timelens_iou(gt, pred):
+    """TimeLens's iou: overlap over the hull of the two spans (0 for an inverted or empty prediction; TimeLens
+    divides by zero where both spans are the same point, here 0)."""
+    hull = max(gt[1], pred[1]) - min(gt[0], pred[0])
+    return max(min(gt[1], pred[1]) - max(gt[0], pred[0]), 0) / hull if hull > 0 else 0.0
+
+
+def timelens_metrics(answers, samples):
+    """R1@0.3/0.5/0.7 and mIoU in percent, exactly as TimeLens scores TimeLens-Bench from these answer strings:
+    its parser (timelens_spans, the first pair counts), an unparsable answer as [duration + 10, duration + 20],
+    predictions rounded to whole seconds (Python's round: half to even) before the IoU, the ground truth as it is,
+    and one result per (video file name, query, span): a repeated key keeps its last answer, and counts once."""
+    results = {}
+    for answer, s in zip(answers, samples, strict=True):
+        spans = timelens_spans(answer) or [(s.duration + 10, s.duration + 20)]
+        pred = [float(round(t)) for t in spans[0]]
+        key = f"{os.path.basename(s.video)}>>>{data.clean_query(s.query)}>>>{list(s.span)}"
+        results[key] = timelens_iou(s.span, pred)
+    ious = list(results.values())
     out = {f"R1@{t}": 100.0 * sum(x >= t for x in ious) / len(ious) for t in THRESHOLDS}
     out["mIoU"] = 100.0 * sum(ious) / len(ious)
     return out
@@ -200,9 +250,14 @@ def main():
                 done.append(row)
             f.flush()
     metrics = compute_metrics([r["pred"] for r in done], [r["gt"] for r in done])
+    by_id = {s.id: s for s in samples}
+    timelens = timelens_metrics([r["answer"] for r in done], [by_id[r["id"]] for r in done])
     with open(os.path.join(out, "metrics.json"), "w") as f:
-        json.dump(metrics | {"queries": len(done)}, f, indent=1)
-    print(format_table({os.path.basename(args.model.rstrip("/")) + f" ({len(done)} queries)": metrics}))
+        json.dump(metrics | {"queries": len(done), "timelens": timelens}, f, indent=1)
+    name = os.path.basename(args.model.rstrip("/"))
+    print(format_table({f"{name} ({len(done)} queries), ours": metrics, f"{name}, TimeLens's scorer": timelens}))
+    print("ours: parse_span, the IoU of the answer as written; TimeLens's scorer (the paper's TimeLens-Bench numbers): "
+          "its parser, answers rounded to whole seconds, repeated queries once")
     print(f"wrote {out}/preds.jsonl and metrics.json")
 
 

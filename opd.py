@@ -12,6 +12,7 @@ This file holds the OPD losses, the teacher's `score`, and the training loop tha
 from). Sampling and the log-probs of the sampled tokens are in rollout.py, the metrics in eval.py. ALGO LOGIC marks
 the method; each piece of plumbing (command line, run folder, prefetching, FSDP) is one call into lib/.
 """
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -29,17 +30,22 @@ class Args(cli.RunArgs):
     student: str = None             # student model: hub id or folder (default: the miniature student)
     teacher: str = None             # teacher model, same tokenizer (default: the miniature teacher)
     data: str = None                # training annotations, any format data.py reads (default: miniature train)
-    steps: int = 100                # optimizer steps
+    steps: int = 100                # optimizer steps (with --epochs: set from the data)
+    epochs: int = 0                 # passes over --data in a shuffled order (official code: 1); 0: --steps of
+    #                                 random prompts each (ours). An epoch is samples // prompts_per_step steps
     prompts_per_step: int = 32      # (video, query) prompts per optimizer step (paper: batch 32, Sec. 4.1)
     rollouts_per_prompt: int = 1    # sampled completions per prompt (paper: 1, Sec. 3.1)
     micro_batch: int = 8            # prompts per forward/backward; gradients accumulate to prompts_per_step
     lr: float = 1e-6                # AdamW learning rate (paper: 1e-6, Sec. 4.1)
-    warmup_steps: int = 0           # linear warm-up, then constant (ours: the paper gives no schedule)
-    weight_decay: float = 0.0       # AdamW weight decay (ours)
-    grad_clip: float = 1.0          # max gradient norm (ours)
-    temperature: float = 1.0        # sampling temperature; the student's and the teacher's log-probs are both of
-    #                                 logits / temperature (ours: the paper gives none; T 1 samples the policy
-    #                                 itself, and one temperature keeps sampling and scoring one distribution)
+    schedule: Literal["cosine", "constant"] = "cosine"  # the lr after the warm-up: cosine to 0 (official code:
+    #                                 ms-swift's default) | constant
+    warmup_ratio: float = 0.03      # linear warm-up over this share of the steps (official code: 0.03)
+    warmup_steps: int = 0           # linear warm-up over this many steps instead, when > 0
+    weight_decay: float = 0.1       # AdamW weight decay (official code: ms-swift's default)
+    grad_clip: float = 1.0          # max gradient norm (official code: ms-swift's default)
+    temperature: float = 0.9        # sampling temperature; the student's and the teacher's log-probs are both of
+    #                                 logits / temperature (official code: ms-swift's default 0.9, for sampling and
+    #                                 the loss alike; the paper gives none)
     max_new_tokens: int = 64        # completion length limit (ours: an answer is ~15 tokens without thinking)
     loss: Literal["sampled", "fullkl"] = "sampled"  # sampled: Eq. 5-6 on the sampled tokens (paper) | fullkl:
     #                                 exact per-token reverse KL over the vocabulary (ours)
@@ -47,9 +53,10 @@ class Args(cli.RunArgs):
     #                                 teacher's completions (ours; the paper's off-policy ablation distils on
     #                                 ground-truth tokens, App. C)
     kl_chunk: int = 16              # positions per chunk of the full-vocabulary KL
-    freeze_vision: bool = True      # keep the vision tower frozen (ours: the paper does not say; TEMPLE freezes it)
+    freeze_vision: bool = True      # keep the vision tower and its merger frozen (official code: freeze_vit,
+    #                                 freeze_aligner; the paper does not say)
     fps: float = 2.0                # frames per second sampled from each video (paper: 2, Sec. 4.1)
-    max_frames: int = 256           # frame cap per video (ours; paper: <= 768 frames, 8,192 video tokens)
+    max_frames: int = 768           # frame cap per video (official code: FPS_MAX_FRAMES 768)
 
 
 # The miniature's own settings, used unless a model or data outside the miniature is named (cli.of_miniature).
@@ -57,9 +64,11 @@ class Args(cli.RunArgs):
 # cheap and gives the direction to the right digit instead of only "not this digit". lr: fullkl 1e-3 of 3e-4 /
 # 1e-3 / 3e-3 on the validation clips (docs/results.md); the sampled estimator's is 1e-3 too, and it needs
 # more steps: pass --loss sampled --steps 800. The 200 steps keep the quick start short; the full KL's
-# plateau on validation comes at 300 (--steps 300, as the results' runs).
+# plateau on validation comes at 300 (--steps 300, as the results' runs). A constant lr after 5 warm-up steps, no
+# weight decay, T 1 and 256 frames: the settings every miniature result was measured with (ours).
 MINIATURE = dict(steps=200, prompts_per_step=16, micro_batch=16, lr=1e-3, warmup_steps=5, max_new_tokens=24,
-                 loss="fullkl", eval_every=25, save_every=100)
+                 loss="fullkl", eval_every=25, save_every=100, schedule="constant", weight_decay=0.0,
+                 temperature=1.0, max_frames=256)
 
 
 # ----------------------------------------------------------------------------- the OPD losses
@@ -247,10 +256,18 @@ def update(args, student, rollouts, loss_fn, opt, epochs, token_mean, forbidden,
 
 
 def make_optimizer(args, student):
-    """AdamW on the trainable weights, linear warm-up over args.warmup_steps, then constant: (opt, sched)."""
+    """AdamW on the trainable weights and its schedule: a linear warm-up (--warmup-steps, else --warmup-ratio of
+    the steps), then --schedule: cosine to 0 over the remaining steps, or constant -> (opt, sched)."""
     opt = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=args.lr,
                             weight_decay=args.weight_decay)
-    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / (args.warmup_steps + 1)))
+    warmup = args.warmup_steps or math.ceil(args.warmup_ratio * args.steps)
+
+    def factor(s):  # the lr of step s + 1, as a share of --lr
+        if s < warmup:
+            return (s + 1) / (warmup + 1)
+        progress = (s - warmup) / max(1, args.steps - warmup)
+        return 0.5 * (1 + math.cos(math.pi * progress)) if args.schedule == "cosine" else 1.0
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
 def main():

@@ -197,8 +197,8 @@ def train_in_stages(args, names, run):
 
 
 def main():
-    # no --resume: the rounds run as separate opd.train stages
-    args = cli.parse(TVDFArgs, MINIATURE, drop=("resume",))
+    # no --resume: the rounds run as separate opd.train stages; no --epochs: a round trains on its own pool
+    args = cli.parse(TVDFArgs, MINIATURE, drop=("resume", "epochs"))  # each round's own pool: --steps
     fsdp.init_distributed()
     cli.start_run(args)
     torch.manual_seed(args.seed)

@@ -49,7 +49,8 @@ BOUNDS = dict(steps=(1, True), prompts_per_step=(1, True), rollouts_per_prompt=(
               temperature=(0, False), max_new_tokens=(1, True), kl_chunk=(1, True), fps=(0, False),
               max_frames=(2, True), num_workers=(0, True), eval_every=(0, True), eval_limit=(0, True),
               save_every=(1, True), group_size=(1, True), ppo_epochs=(1, True), clip_eps=(0, False),
-              rounds=(1, True), k=(1, True), pool=(0, True), teacher_samples=(1, True))
+              rounds=(1, True), k=(1, True), pool=(0, True), teacher_samples=(1, True), epochs=(0, True),
+              warmup_ratio=(0, True))
 # What only distillation uses: grpo.py and the scripts built on it leave these out of their command lines
 DISTILLATION_ONLY = ("teacher", "loss", "rollouts", "rollouts_per_prompt", "kl_chunk")
 
@@ -137,7 +138,12 @@ def start_run(args, models=("student", "teacher"), frozen=None):
     for flag in models:
         if not getattr(args, flag):
             raise data.DataError(f"--{flag} is needed with your own --student / --data")
-    data.load_samples(args.data, args.video_root, args.skip_bad)
+    samples = data.load_samples(args.data, args.video_root, args.skip_bad)
+    if getattr(args, "epochs", 0):  # whole steps only: an epoch's last, smaller batch is left out
+        if len(samples) < args.prompts_per_step:
+            raise data.DataError(f"--epochs: {args.data} holds {len(samples)} samples, fewer than one step's "
+                                 f"--prompts-per-step {args.prompts_per_step}")
+        args.steps = args.epochs * (len(samples) // args.prompts_per_step)
     if args.eval_data:
         data.load_samples(args.eval_data, args.video_root, args.skip_bad)
     frozen = ("teacher",) if frozen is None and "teacher" in models else frozen or ()

@@ -107,9 +107,15 @@ def timed(timing, key):
 # ----------------------------------------------------------------------------- each step's prompts
 def plan(args, samples, step):
     """This rank's prompts of one step: [(mb, [Sample])] per micro-batch, mb = the micro-batch's place in the
-    whole step (the same under any number of ranks; it seeds the sampling)."""
-    idx = random.Random(args.seed * 100_003 + step).sample(range(len(samples)), min(args.prompts_per_step,
-                                                                                      len(samples)))
+    whole step (the same under any number of ranks; it seeds the sampling). Random prompts each step, or with
+    --epochs the step's share of its epoch's shuffled order."""
+    n_step = min(args.prompts_per_step, len(samples))
+    if getattr(args, "epochs", 0):
+        epoch, i = divmod(step, len(samples) // n_step)
+        order = random.Random(args.seed * 100_003 - epoch - 1).sample(range(len(samples)), len(samples))
+        idx = order[i * n_step:(i + 1) * n_step]
+    else:
+        idx = random.Random(args.seed * 100_003 + step).sample(range(len(samples)), n_step)
     r, n = fsdp.rank(), fsdp.world()
     idx = idx[r * len(idx) // n:(r + 1) * len(idx) // n]  # this rank's share
     return [(r * len(idx) + i, [samples[j] for j in idx[i:i + args.micro_batch]])

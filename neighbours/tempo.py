@@ -167,7 +167,7 @@ def prompt_of(seq, T):
 
 def main():
     # no --resume: the curriculum runs as separate opd.train stages
-    args = cli.parse(DPOArgs, MINIATURE, drop=cli.DISTILLATION_ONLY + ("resume",), bounds=BOUNDS)
+    args = cli.parse(DPOArgs, MINIATURE, drop=cli.DISTILLATION_ONLY + ("resume", "epochs"), bounds=BOUNDS)
     fsdp.init_distributed()
     cli.start_run(args, models=("student",), frozen=("student",))
     torch.manual_seed(args.seed)

@@ -40,8 +40,8 @@ class VAArgs(opd.Args):
     va_scale: float = 0.1           # the degraded video's frames are downsampled to this fraction per side
 
 
-# OPD's miniature settings, with 4 prompts x 4 rollouts per step (16 rollouts, as OPD's 16 x 1)
-MINIATURE = opd.MINIATURE | dict(prompts_per_step=4)
+# OPD's miniature settings, with 4 prompts x 4 rollouts per step (16 rollouts, as OPD's 16 x 1) at VA-OPD's T 0.7
+MINIATURE = opd.MINIATURE | dict(prompts_per_step=4, temperature=0.7)
 BOUNDS = dict(va_top=(0, False), va_scale=(0, False))
 
 

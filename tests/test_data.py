@@ -278,6 +278,10 @@ def test_encode_left_pads_prompts_and_right_pads_answers(tiny_processor, tiny):
     ("between 4 and 9 seconds", (4.0, 9.0)),
     ("The event happens in 3 - 5 seconds, or maybe 7 - 9 seconds", (3.0, 5.0)),  # first span wins
     ("The event happens in 9.0 - 2.0 seconds", (9.0, 2.0)),  # inverted: returned as written, scored 0
+    ("The event happens in 1.0 seconds - 7.5 seconds.", (1.0, 7.5)),  # a unit after each number
+    ("1.0s to 7.5s", (1.0, 7.5)),
+    ("The event happens in <1.0 seconds> - <7.5 seconds>", (1.0, 7.5)),  # the prompt's own stamp style
+    ("from 3.5 sec until 7 sec", (3.5, 7.0)),
     ("no span here", None),
     ("only one number: 12.5 seconds", None),
     ("", None),
