@@ -173,13 +173,13 @@ def distillation(args, teacher, vocab, forbidden):
 
 # ----------------------------------------------------------------------------- the training loop (every method)
 def train(args, student, processor, score, loss_fn, rollout_model=None, group=1, epochs=1, pool=None,
-          after_step=None, token_mean=False, optimizer=None):
+          after_step=None, token_mean=False, optimizer=None, frames=False):
     """Rollouts -> score -> update, `args.steps` times -> the evaluation records. Every method's loop.
 
     score(seq, ids, mask, ious, chunk, videos) -> dict (no grad; e.g. the teacher's log-probs, or GRPO's
         advantages). seq: prompt + completion [B*group, L+T]; ids, mask [B*group, T]; ious: each rollout's
         temporal IoU with its ground truth (the log's, GRPO's reward); chunk, videos: the micro-batch's B samples
-        and decoded videos, for variants that re-encode the prompt (VA-OPD, VISD). An optional "stats" entry
+        and decoded videos (None unless `frames`: for variants that re-encode the prompt). An optional "stats" entry
         {name: float} is averaged over the step's micro-batches into the log.
     loss_fn(logits, ids, mask, old_logp, scored) -> scalar loss for one micro-batch
     rollout_model: who samples (default: the student, on-policy); group: completions per prompt; epochs: update passes
@@ -188,11 +188,11 @@ def train(args, student, processor, score, loss_fn, rollout_model=None, group=1,
     token_mean: loss_fn averages over tokens (GRPO), not over sequences (OPD, DPO): how micro-batches are weighted,
         so that the step's loss is one mean over the whole step, whatever the micro-batch sizes.
     pool: the training samples (default: --data); optimizer: (opt, sched) from make_optimizer, carried over from an
-        earlier stage of a curriculum (default: new).
+        earlier stage of a curriculum (default: new); frames: `score` gets the decoded videos (VA-OPD, VISD, TEMPO).
     """
     opt, sched = optimizer or make_optimizer(args, student)
     forbidden = rollout.forbidden_ids(processor)
-    with run.Run(args, student, processor, opt, sched, pool, group) as loop:  # log, evaluation, checkpoints, signals
+    with run.Run(args, student, processor, opt, sched, pool, group, frames) as loop:  # log, eval, checkpoints, signals
         for step, prepared, timing in loop:  # this rank's prompts of the step, decoded and encoded ahead
             # ALGO LOGIC: sample and score the same tokens (collect), then the loss and the optimizer step (update)
             rollouts = collect(args, rollout_model or student, processor, prepared, score, step, timing)
@@ -209,7 +209,7 @@ def train(args, student, processor, score, loss_fn, rollout_model=None, group=1,
 def collect(args, rollout_model, processor, prepared, score, step, timing):
     """One step's rollouts, micro-batch by micro-batch, without gradients -> [dict(seq, ids, mask, scored, ious)].
 
-    prepared: [(mb, samples, videos, prompt)], the micro-batches of lib/run.py's prepare; seq: prompt + completion
+    prepared: (mb, samples, videos, prompt) per micro-batch, from lib/run.py's prepare; seq: prompt + completion
     [B*group, L+T]; ids, mask [B*group, T]; scored: what `score` returned; ious: each completion's temporal IoU with
     its ground truth. timing: adds the seconds of generate and of scoring."""
     rollouts = []

@@ -93,9 +93,9 @@ def estimate(args, frozen=(), group=1, world=1, cuda=None, first_step=False):
     micro = min(args.micro_batch, prompts)
     shape = dict(L=L, T=args.max_new_tokens, micro=micro, group=group, patches=patches, act=act,
                  packed=args.share_prompt and group > 1, share=args.share_prompt, world=world)
-    # the step's rollouts, kept until the update: video patches (fp32, once per prompt when shared), the
-    # student's video features (shared, frozen tower), the teacher's logits (--loss fullkl)
-    stored = patches * patch_values * 4 * (1 if args.share_prompt else group)
+    # the step's rollouts, kept until the update: video patches (bf16 under --bf16, else fp32; once per prompt when
+    # shared), the student's video features (shared, frozen tower), the teacher's logits (--loss fullkl)
+    stored = patches * patch_values * act * (1 if args.share_prompt else group)
     if args.share_prompt and args.freeze_vision:
         stored += video_tokens * student["text"].hidden_size * (1 + student["deepstack"]) * act
     if getattr(args, "loss", None) == "fullkl":

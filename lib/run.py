@@ -10,6 +10,7 @@ checkpoints and --resume, Ctrl-C / SIGTERM, and the summary at the end. opd.trai
 import contextlib
 import dataclasses
 import functools
+import itertools
 import json
 import os
 import random
@@ -27,14 +28,14 @@ from lib import fsdp, share
 class Run:
     """One opd.train call's run folder and schedule (the module's docstring shows the use)."""
 
-    def __init__(self, args, student, processor, opt, sched, samples=None, group=1):
+    def __init__(self, args, student, processor, opt, sched, samples=None, group=1, frames=False):
         if args.prompts_per_step % fsdp.world():  # every rank must run the same number of micro-batches (FSDP)
             raise ValueError(f"--prompts-per-step {args.prompts_per_step} must divide by the {fsdp.world()} "
                              "processes")
         self.args, self.student, self.processor, self.opt, self.sched = args, student, processor, opt, sched
         self.samples = samples if samples is not None else data.load_samples(args.data, args.video_root,
                                                                              args.skip_bad)
-        self.test, self.group, self.stop = load_test(args), group, []
+        self.test, self.group, self.frames, self.stop = load_test(args), group, frames, []
         self.start, self.wall, self.log, kept = open_run(args, student, opt, sched)
         self.evals = [r for r in kept if "eval" in r] or ([self.evaluate(self.start)] if self.test else [])
 
@@ -51,15 +52,15 @@ class Run:
         self.log.close()
 
     def __iter__(self):
-        """(step, this rank's prepared micro-batches, the step's timing dict) for each step left; then the final
-        evaluation."""
+        """(step, an iterator over this rank's prepared micro-batches, the step's timing dict) for each step left;
+        then the final evaluation."""
         args = self.args
-        upcoming = prefetch(args, self.processor, self.samples, self.group, self.start)
+        upcoming = prefetch(args, self.processor, self.samples, self.group, self.start, self.frames)
         self.bar = tqdm(range(self.start, args.steps), desc=os.path.basename(args.out.rstrip("/")),
                         initial=self.start, total=args.steps, disable=fsdp.rank() > 0)
-        for step in self.bar:
+        for step, micro_batches in zip(self.bar, upcoming):
             self.t0, self.timing = time.time(), dict(generate=0.0, student=0.0, teacher=0.0)
-            yield step, next(upcoming), self.timing
+            yield step, micro_batches, self.timing
         if self.test and (not self.evals or self.evals[-1]["step"] < args.steps):
             self.evals.append(self.evaluate(args.steps))
 
@@ -122,26 +123,39 @@ def plan(args, samples, step):
             for i in range(0, len(idx), args.micro_batch)]
 
 
-def prepare(args, processor, group, micro_batches):
-    """plan's micro-batches -> [(mb, samples, videos, prompt)]: the videos decoded, the prompts encoded, each
-    repeated for its `group` rollouts (share.share: its video once; CPU work, run in a DataLoader worker while
-    the previous step trains)."""
-    out = []
-    for mb, chunk in micro_batches:
-        videos, _ = data.load_videos(chunk, fps=args.fps, max_frames=args.max_frames)
-        prompt = data.encode(processor, chunk, videos)
-        repeat = share.share if args.share_prompt else share.expand
-        out.append((mb, chunk, videos, repeat(prompt, group)))
-    return out
+def prepare(args, processor, group, frames, micro_batch):
+    """One of plan's micro-batches -> (mb, samples, videos, prompt): the videos decoded (kept only with `frames`,
+    for a `score` that re-encodes them, else None), the prompts encoded (pixels in bf16 under --bf16, as autocast
+    would cast them), each repeated for its `group` rollouts (share.share: its video once). CPU work, run in a
+    DataLoader worker while the model works on the micro-batch before it."""
+    mb, chunk = micro_batch
+    videos, _ = data.load_videos(chunk, fps=args.fps, max_frames=args.max_frames)
+    prompt = data.encode(processor, chunk, videos)
+    if args.bf16:
+        prompt["pixel_values_videos"] = prompt["pixel_values_videos"].to(torch.bfloat16)
+    repeat = share.share if args.share_prompt else share.expand
+    return mb, chunk, videos if frames else None, repeat(prompt, group)
 
 
-def prefetch(args, processor, samples, group, start):
-    """An iterator over the steps from `start` on, each prepare's list: DataLoader workers decode and encode a
-    step's prompts ahead of the step that uses them (with --num-workers 0, next() does the work itself)."""
-    loader = torch.utils.data.DataLoader([plan(args, samples, step) for step in range(start, args.steps)],
-                                         batch_size=None, num_workers=args.num_workers,
-                                         collate_fn=functools.partial(prepare, args, processor, group))
-    return iter(loader)
+def prefetch(args, processor, samples, group, start, frames=False):
+    """The steps from `start` on, each an iterator over its prepared micro-batches (prepare). DataLoader workers
+    decode and encode one micro-batch each, --num-workers of them ahead of the one in use, never whole steps: a
+    prompt of a long 720p clip is hundreds of MB (with --num-workers 0, next() does the work itself)."""
+    plans = [plan(args, samples, step) for step in range(start, args.steps)]
+    loader = torch.utils.data.DataLoader([mb for micro_batches in plans for mb in micro_batches], batch_size=None,
+                                         num_workers=args.num_workers, prefetch_factor=1 if args.num_workers else None,
+                                         collate_fn=functools.partial(prepare, args, processor, group, frames),
+                                         worker_init_fn=_leave_signals_to_the_main_process)
+    upcoming = iter(loader)
+    return [itertools.islice(upcoming, len(micro_batches)) for micro_batches in plans]
+
+
+def _leave_signals_to_the_main_process(worker_id):
+    """A DataLoader worker ignores Ctrl-C and SIGTERM. torchrun and Slurm signal the whole process group: a worker
+    killed first would end the run in the main process's next() before it saves. The main process saves, then its
+    loader stops the workers."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def load_test(args):

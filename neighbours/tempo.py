@@ -214,7 +214,8 @@ def main():
     strengths = [int(x) for x in args.strengths.split(",")]  # the curriculum: one stage per r, easy first
     optimizer = opd.make_optimizer(args, student)  # one AdamW and warm-up over all stages: a stage is not a restart
     evals = tvdf.train_in_stages(args, [f"r{r}" for r in strengths], lambda i, stage_args: opd.train(
-        stage_args, student, processor, make_score(strengths[i]), loss_fn, pool=pool, optimizer=optimizer))
+        stage_args, student, processor, make_score(strengths[i]), loss_fn, pool=pool, optimizer=optimizer,
+        frames=True))
     run.finish(args, student, processor, evals)
     if args.pre_sft:
         rest_of_sft(args, student, processor, evals, *sft)

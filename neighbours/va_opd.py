@@ -134,7 +134,7 @@ def main():
         return va_opd_loss(logits, scored["teacher_logits"], scored["va"], mask, args.rollouts_per_prompt,
                            args.va_top, args.kl_chunk)
 
-    evals = opd.train(args, student, processor, score, loss_fn, group=args.rollouts_per_prompt)
+    evals = opd.train(args, student, processor, score, loss_fn, group=args.rollouts_per_prompt, frames=True)
     run.finish(args, student, processor, evals, teacher)
 
 

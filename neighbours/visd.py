@@ -127,7 +127,7 @@ def main():
         ema_update(teacher, student, args.visd_decay)
 
     evals = opd.train(args, student, processor, score, loss_fn, group=args.group_size, epochs=args.ppo_epochs,
-                      after_step=after_step, token_mean=True)
+                      after_step=after_step, token_mean=True, frames=True)
     run.finish(args, student, processor, evals)
 
 

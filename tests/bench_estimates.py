@@ -1,6 +1,6 @@
 """lib/memory.py's estimate for the README's real-model commands, from the real configs (no weights are read).
 
-    python tests/bench_estimates.py          # one line per command: GiB per GPU and what it is made of
+    python tests/bench_estimates.py          # one line per command: GiB per GPU and what it is made of (and eval.py)
 
 The configs are Qwen3-VL-2B / 8B-Instruct's (tests/bench_real_dims.py); the 32B teacher (the official Video-OPD
 teacher, williamljz/Video-opd-teacher-Qwen3-VL-32B-GRPO, is a post-trained Qwen3-VL-32B) takes Qwen3-32B's text widths
@@ -55,6 +55,14 @@ def main():
                                gradient_checkpointing=True)
         parts = memory.estimate(args, [folders[teacher]] if teacher else [], group, world=gpus, cuda=True)
         print(f"{label}: {memory.line(parts)}")
+    for name, batch in (("8B", 8), ("8B", 1)):  # eval.py: the bf16 model and one generate call of --batch-size
+        args.student = folders[name]
+        L, patches, _, _ = memory.prompt_size(args)
+        size = memory.model_size(folders[name])
+        shape = dict(L=L, T=32, micro=batch, group=1, patches=patches, act=2, packed=False, share=False, world=1)
+        weights, generate = 2 * size["params"], memory.generation(size, shape)
+        print(f"eval.py, {name}, --batch-size {batch}: {(weights + generate) / memory.GB:.1f} GiB: weights "
+              f"{weights / memory.GB:.1f}, + generate {generate / memory.GB:.1f}")
 
 
 if __name__ == "__main__":

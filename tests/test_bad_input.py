@@ -133,18 +133,25 @@ def test_help_shows_the_defaults_used_and_only_the_scripts_flags():
         assert flag not in opd_help
 
 
-def test_sigterm_saves_the_step_and_stops_the_workers(tiny, tmp_path):
-    """Before: a bare traceback, nothing saved (checkpoints every 100 steps) and an orphaned DataLoader worker."""
+@pytest.mark.parametrize("group", [False, True])
+def test_sigterm_saves_the_step_and_stops_the_workers(tiny, tmp_path, group):
+    """Before: a bare traceback, nothing saved (checkpoints every 100 steps) and an orphaned DataLoader worker.
+    group: SIGTERM to the whole process group, as torchrun and Slurm send it (before: the worker died first and the
+    main process raised "DataLoader worker ... is killed by signal: Terminated", no checkpoint)."""
     out = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, "opd.py", *_common(tiny, out), "--steps", "50", "--eval-every", "0",
-                             "--num-workers", "1"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             "--num-workers", "1"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=group)
     log = out / "log.jsonl"
     deadline = time.time() + 240
     while time.time() < deadline and not (log.exists() and '"loss"' in log.read_text()):
         time.sleep(0.2)
     children = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
     assert children, "the DataLoader worker should be running"
-    proc.send_signal(signal.SIGTERM)
+    if group:
+        os.killpg(proc.pid, signal.SIGTERM)
+    else:
+        proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 1 and "interrupted: checkpoint at step" in stderr.strip().splitlines()[-1]
     import torch

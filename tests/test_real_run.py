@@ -220,3 +220,32 @@ def test_off_policy_with_the_sampled_loss_is_refused(tmp_path):
                          timeout=300)  # before the check, this trained the whole default run
     assert res.returncode != 0 and "--loss fullkl" in res.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_prefetch_keeps_a_few_micro_batches_ahead_not_whole_steps(tiny, tiny_processor, tmp_path, monkeypatch):
+    """A DataLoader item is one micro-batch, at most one ahead per worker, and its raw frames stay in the worker
+    unless `score` needs them. Before: each item was a whole step with its frames, two steps ahead per worker (a
+    32-prompt step of 720p clips held hundreds of GB; docs/results.md, "Prefetching")."""
+    import time
+    from types import SimpleNamespace
+    from lib import run
+    decoded = tmp_path / "decoded"  # the forked workers inherit the patched function: they append here
+    real = data.load_videos
+
+    def counting(chunk, *a, **kw):
+        with open(decoded, "a") as f:
+            f.write(f"{len(chunk)}\n")
+        return real(chunk, *a, **kw)
+    monkeypatch.setattr(data, "load_videos", counting)
+    args = SimpleNamespace(seed=0, prompts_per_step=4, micro_batch=1, num_workers=2, fps=2.0, max_frames=256,
+                           bf16=False, share_prompt=True, steps=20, epochs=0)
+    samples = data.load_annotations(tiny["train"])
+    upcoming = run.prefetch(args, tiny_processor, samples, 1, 0)
+    assert len(upcoming) == 20
+    mb, chunk, videos, prompt = next(upcoming[0])
+    time.sleep(3)  # time for the workers to fill whatever they may hold
+    assert sum(int(n) for n in decoded.read_text().split()) <= 3  # the one in use, one ahead per worker
+    assert mb == 0 and len(chunk) == 1 and videos is None and "pixel_values_videos" in prompt
+    args.bf16 = True
+    mb, chunk, videos, prompt = next(run.prefetch(args, tiny_processor, samples, 1, 0, frames=True)[0])
+    assert videos is not None and prompt["pixel_values_videos"].dtype == torch.bfloat16
