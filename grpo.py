@@ -40,7 +40,8 @@ def group_advantages(rewards, group_size, scale=False):
     r = rewards.view(-1, group_size)
     adv = r - r.mean(1, keepdim=True)
     if scale:
-        adv = adv / (r.std(1, keepdim=True) + 1e-4)
+        # one rollout a group: its sample std is NaN; the population std (0) leaves the advantage at 0
+        adv = adv / (r.std(1, keepdim=True, correction=1 if group_size > 1 else 0) + 1e-4)
     return adv.flatten()
 
 

@@ -4,9 +4,9 @@
     memory.check(args, frozen=[args.teacher], group=1)               # cli.start_run: one line; refuse if too big
 
 Counted, not measured: the parameters of each model (built from its config on the meta device: no weight is read),
-the longest training prompt (encoded once: its tokens and video patches), the step's layout (opd.collect keeps
-every rollout of the step, with its video, until opd.update has used them) and per-token activation sizes of one
-Qwen3 decoder layer (ACTIVATION). docs/results.md, "Memory per GPU", compares the estimate with measured peaks
+the longest training prompt (the videos ranked by their headers, the largest encoded: its tokens and video
+patches), the step's layout (opd.collect keeps every rollout of the step, with its video, until opd.update has used
+them) and per-token activation sizes of one Qwen3 decoder layer (ACTIVATION). docs/results.md, "Memory per GPU", compares the estimate with measured peaks
 (tests/bench_real_dims.py); tests/test_memory.py checks it against measured steps at reduced widths.
 """
 import torch
@@ -38,18 +38,38 @@ def model_size(path):
                 deepstack=len(getattr(vision, "deepstack_visual_indexes", []) or []))
 
 
-def prompt_size(args):
-    """The training prompt of the longest video (the annotations' durations; the first sample without them),
-    encoded as training encodes it -> (tokens L, video patches, values per patch, video tokens)."""
+def prompt_size(args, candidates=3):
+    """The training prompt with the most tokens, encoded as training encodes it -> (tokens L, video patches, values per
+    patch, video tokens). Each distinct video's header (video_pixels: nothing decoded) ranks them; the `candidates`
+    largest are decoded and encoded, and the longest prompt counts (the processor's own resizing and caps decide)."""
     from transformers import AutoProcessor
     samples = data.load_samples(args.data, args.video_root, args.skip_bad)
-    sample = max(samples, key=lambda s: s.duration or 0.0)
-    videos, _ = data.load_videos([sample], fps=args.fps, max_frames=args.max_frames)
+    first = list({s.video: s for s in reversed(samples)}.values())  # one sample per video
+    ranked = sorted(first, key=lambda s: video_pixels(s.video, args.fps, args.max_frames), reverse=True)
     processor = AutoProcessor.from_pretrained(args.student)
-    prompt = data.encode(processor, [sample], videos)
+    prompts = []
+    for sample in ranked[:candidates]:
+        videos, _ = data.load_videos([sample], fps=args.fps, max_frames=args.max_frames)
+        prompts.append(data.encode(processor, [sample], videos))
+    prompt = max(prompts, key=lambda p: p["input_ids"].shape[1])
     patches = prompt["pixel_values_videos"].shape
     merge = getattr(processor.video_processor, "merge_size", 2)
     return prompt["input_ids"].shape[1], patches[0], patches[1], patches[0] // merge ** 2
+
+
+def video_pixels(path, fps, max_frames):
+    """Frames data.load_video would sample x pixels per frame, from the file's header alone (PyAV)."""
+    import av
+    try:
+        with av.open(path) as container:
+            stream = container.streams.video[0]
+            rate = float(stream.average_rate or stream.guessed_rate or 1)
+            frames = stream.frames or int(float(container.duration or 0) / av.time_base * rate)
+            width, height = stream.codec_context.width, stream.codec_context.height
+    except (av.FFmpegError, IndexError):  # unreadable: ranked last; training refuses or skips it (--skip-bad)
+        return 0
+    n = max(2, min(int(frames / rate * fps), max_frames))
+    return (n - n % 2) * width * height
 
 
 def layer_activations(tokens, hidden, intermediate, q, kv, bf16):

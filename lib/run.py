@@ -14,6 +14,7 @@ import itertools
 import json
 import os
 import random
+import shutil
 import signal
 import time
 
@@ -123,18 +124,36 @@ def plan(args, samples, step):
             for i in range(0, len(idx), args.micro_batch)]
 
 
-def prepare(args, processor, group, frames, micro_batch):
+def prepare(args, processor, group, frames, samples, micro_batch):
     """One of plan's micro-batches -> (mb, samples, videos, prompt): the videos decoded (kept only with `frames`,
     for a `score` that re-encodes them, else None), the prompts encoded (pixels in bf16 under --bf16, as autocast
     would cast them), each repeated for its `group` rollouts (share.share: its video once). CPU work, run in a
     DataLoader worker while the model works on the micro-batch before it."""
     mb, chunk = micro_batch
-    videos, _ = data.load_videos(chunk, fps=args.fps, max_frames=args.max_frames)
+    chunk, videos = decode(args, chunk, samples)
     prompt = data.encode(processor, chunk, videos)
     if args.bf16:
         prompt["pixel_values_videos"] = prompt["pixel_values_videos"].to(torch.bfloat16)
     repeat = share.share if args.share_prompt else share.expand
     return mb, chunk, videos if frames else None, repeat(prompt, group)
+
+
+def decode(args, chunk, samples):
+    """A micro-batch's videos, decoded -> (samples, videos). With --skip-bad a video that cannot be decoded is
+    replaced by another of `samples` (drawn from the failed sample's id: the same on every run and rank), so that
+    every rank keeps its micro-batch; without it, the DataError ends the run."""
+    chunk = list(chunk)
+    videos, _ = data.load_videos(chunk, args.skip_bad, args.fps, args.max_frames)
+    for j in range(len(chunk)):
+        draw, tries = random.Random(chunk[j].id), 0
+        while videos[j] is None:
+            if tries == 100:
+                raise data.DataError(f"--skip-bad: 100 videos in a row cannot be decoded, e.g. {chunk[j].video}")
+            print(f"{chunk[j].video}: cannot be decoded, replaced by another sample (--skip-bad)")
+            chunk[j] = samples[draw.randrange(len(samples))]
+            (videos[j],), _ = data.load_videos([chunk[j]], True, args.fps, args.max_frames)
+            tries += 1
+    return chunk, videos
 
 
 def prefetch(args, processor, samples, group, start, frames=False):
@@ -144,7 +163,8 @@ def prefetch(args, processor, samples, group, start, frames=False):
     plans = [plan(args, samples, step) for step in range(start, args.steps)]
     loader = torch.utils.data.DataLoader([mb for micro_batches in plans for mb in micro_batches], batch_size=None,
                                          num_workers=args.num_workers, prefetch_factor=1 if args.num_workers else None,
-                                         collate_fn=functools.partial(prepare, args, processor, group, frames),
+                                         collate_fn=functools.partial(prepare, args, processor, group, frames,
+                                                                      samples),
                                          worker_init_fn=_leave_signals_to_the_main_process)
     upcoming = iter(loader)
     return [itertools.islice(upcoming, len(micro_batches)) for micro_batches in plans]
@@ -219,9 +239,11 @@ def write(log, record):
 
 
 def save(args, student, processor, opt, sched, step, wall):
-    """A checkpoint plain transformers can load (student + processor) plus what --resume needs. Every rank calls
-    it (gathering the shards is collective); rank 0 writes."""
-    path = f"{args.out}/checkpoint"
+    """A checkpoint plain transformers can load (student + processor) plus what --resume needs. It is written whole
+    to OUT/checkpoint-STEP/, then the link OUT/checkpoint moves to it in one step and the previous one is removed: a
+    run killed mid-save keeps its previous checkpoint intact. Every rank calls it (gathering the shards is
+    collective); rank 0 writes."""
+    path = f"{args.out}/checkpoint-{step}"
     fsdp.save_model(student, processor, path)
     state = fsdp.optimizer_state(student, opt)
     if fsdp.rank() == 0:
@@ -229,6 +251,17 @@ def save(args, student, processor, opt, sched, step, wall):
                     "step": step, "wall": wall, "args": dataclasses.asdict(args)}, f"{path}/state.pt")
         with open(f"{path}/step.json", "w") as f:  # what --resume checks before loading anything
             json.dump({"step": step}, f)
+        link = f"{args.out}/checkpoint"
+        previous = os.path.realpath(link) if os.path.lexists(link) else None
+        if previous and not os.path.islink(link):  # a run folder from before the link: its folder moves aside
+            previous = f"{link}-before"
+            os.rename(link, previous)
+        if os.path.lexists(f"{link}.new"):  # left by a run killed between these two lines
+            os.remove(f"{link}.new")
+        os.symlink(os.path.basename(path), f"{link}.new")
+        os.replace(f"{link}.new", link)  # atomic: the link names the old checkpoint or the new, never half of one
+        if previous and os.path.isdir(previous) and previous != os.path.realpath(path):
+            shutil.rmtree(previous)
     fsdp.barrier()  # nobody reads the checkpoint before rank 0 has written it
 
 

@@ -11,6 +11,12 @@ import grpo
 from test_opd import _run, _weights
 
 
+def test_one_rollout_a_group_scaled_is_zero_not_nan():
+    """--group-size 1 --scale-rewards: the std of one reward is NaN; the advantage is 0, as unscaled."""
+    adv = grpo.group_advantages(torch.tensor([0.7, 0.2]), 1, scale=True)
+    assert torch.equal(adv, torch.zeros(2))
+
+
 def test_group_advantages_zero_mean_per_group():
     r = torch.tensor([0.0, 0.5, 1.0, 0.5, 0.2, 0.2, 0.2, 0.2])
     adv = grpo.group_advantages(r, 4)

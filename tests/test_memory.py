@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -100,3 +101,39 @@ def test_a_gpu_with_less_free_memory_is_refused_unless_forced(tiny, monkeypatch,
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda: (80 * 2 ** 30, 80 * 2 ** 30))
     args.force = False
     assert memory.check(args, [args.teacher])["peak"] < 80 * 2 ** 30  # the miniature fits
+
+
+def test_the_longest_prompt_is_found_by_tokens_not_by_duration(tmp_path):
+    """A 6 s 1280x720 clip makes more tokens than a 20 s 320x180 one. Before, the estimate encoded the longest video
+    by the annotations' durations (here the low-resolution one; a Charades-STA txt file gives no durations at all)."""
+    import av
+    import numpy as np
+    import data
+
+    def clip(name, seconds, width, height):
+        path = str(tmp_path / name)
+        with av.open(path, "w") as out:
+            stream = out.add_stream("libx264", rate=4)
+            stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+            rng = np.random.default_rng(0)
+            for _ in range(4 * seconds):
+                frame = rng.integers(0, 255, (height, width, 3), dtype=np.uint8)
+                for pkt in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                    out.mux(pkt)
+            for pkt in stream.encode():
+                out.mux(pkt)
+        return path
+    small, large = clip("long_small.mp4", 20, 320, 180), clip("short_720p.mp4", 6, 1280, 720)
+    train = str(tmp_path / "train.jsonl")
+    data.write_jsonl([data.Sample(small, "q", (1.0, 2.0), 20.0, "a"), data.Sample(large, "q", (1.0, 2.0), 6.0, "b")],
+                     train)
+    processor = bench.make_processor(str(tmp_path / "student"))  # real Qwen3-VL video settings, as saved below
+    processor.save_pretrained(str(tmp_path / "student"))
+    args = SimpleNamespace(data=train, video_root=None, skip_bad=False, fps=2.0, max_frames=768,
+                           student=str(tmp_path / "student"))
+    tokens = {}
+    for path in (small, large):
+        (sample,) = [s for s in data.load_annotations(train) if s.video == path]
+        tokens[path] = data.encode(processor, [sample], data.load_videos([sample])[0])["input_ids"].shape[1]
+    assert tokens[large] > tokens[small]
+    assert memory.prompt_size(args, candidates=1)[0] == tokens[large]

@@ -253,6 +253,25 @@ def test_signal_handlers_come_back_when_a_step_raises(tiny, tmp_path):
     assert {sig: signal.getsignal(sig) for sig in before} == before
 
 
+def test_a_checkpoint_is_replaced_whole(tiny, tmp_path):
+    """Each save is written whole to checkpoint-STEP/, then the link checkpoint moves to it: a save killed halfway
+    (here: checkpoint-2/ without its step.json) leaves the previous checkpoint in place. Before, checkpoint/ was
+    overwritten in place, so a kill mid-save mixed new weights with the old optimizer state and step."""
+    student, processor = rollout.load_model(tiny["student"])
+    args = opd.Args(student=tiny["student"], out=str(tmp_path))
+    opt, sched = opd.make_optimizer(args, student)
+    os.makedirs(tmp_path / "checkpoint")  # a run folder from before the link: a plain folder
+    (tmp_path / "checkpoint" / "step.json").write_text('{"step": 0}')
+    run.save(args, student, processor, opt, sched, 1, 0.0)
+    assert os.readlink(tmp_path / "checkpoint") == "checkpoint-1" and not (tmp_path / "checkpoint-before").exists()
+    os.makedirs(tmp_path / "checkpoint-2")  # killed halfway through the next save
+    assert run.checkpoint_step(str(tmp_path)) == 1
+    assert load_file(tmp_path / "checkpoint" / "model.safetensors").keys() == _weights(tiny["student"]).keys()
+    run.save(args, student, processor, opt, sched, 2, 0.0)  # the save after the resume completes
+    assert os.readlink(tmp_path / "checkpoint") == "checkpoint-2" and run.checkpoint_step(str(tmp_path)) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint", "checkpoint-2"]
+
+
 # ----------------------------------------------------------------------------- a prompt once per group (lib/share.py)
 def _grads_of_one_pass(tiny, repeat, freeze, checkpointing, G=3):
     """Sample G completions per prompt from a `repeat`ed batch (share.share or share.expand), then one training

@@ -238,7 +238,7 @@ def test_prefetch_keeps_a_few_micro_batches_ahead_not_whole_steps(tiny, tiny_pro
         return real(chunk, *a, **kw)
     monkeypatch.setattr(data, "load_videos", counting)
     args = SimpleNamespace(seed=0, prompts_per_step=4, micro_batch=1, num_workers=2, fps=2.0, max_frames=256,
-                           bf16=False, share_prompt=True, steps=20, epochs=0)
+                           bf16=False, share_prompt=True, steps=20, epochs=0, skip_bad=False)
     samples = data.load_annotations(tiny["train"])
     upcoming = run.prefetch(args, tiny_processor, samples, 1, 0)
     assert len(upcoming) == 20
@@ -249,3 +249,21 @@ def test_prefetch_keeps_a_few_micro_batches_ahead_not_whole_steps(tiny, tiny_pro
     args.bf16 = True
     mb, chunk, videos, prompt = next(run.prefetch(args, tiny_processor, samples, 1, 0, frames=True)[0])
     assert videos is not None and prompt["pixel_values_videos"].dtype == torch.bfloat16
+
+
+def test_skip_bad_replaces_a_video_that_cannot_be_decoded(tiny, tmp_path):
+    """A video that exists but cannot be decoded, hours into a run: with --skip-bad its sample is replaced by
+    another (the micro-batch keeps its size on every rank); without, the run ends in a DataError. Before, --skip-bad
+    covered missing files only, and the decode error ended the run."""
+    from types import SimpleNamespace
+    from lib import run
+    samples = data.load_annotations(tiny["train"])[:6]
+    broken = tmp_path / "broken.mp4"
+    broken.write_bytes(b"\x00\x00\x00\x18ftypmp42" + bytes(2000))  # an mp4 header, then nothing decodable
+    samples[0] = dataclasses.replace(samples[0], video=str(broken))
+    args = SimpleNamespace(fps=2.0, max_frames=256, skip_bad=True)
+    chunk, videos = run.decode(args, samples[:2], samples)
+    assert chunk[0].video != str(broken) and chunk[1] == samples[1] and all(v is not None for v in videos)
+    assert run.decode(args, samples[:2], samples)[0] == chunk  # the same replacement every time
+    with pytest.raises(data.DataError, match="broken.mp4"):
+        run.decode(SimpleNamespace(fps=2.0, max_frames=256, skip_bad=False), samples[:2], samples)
