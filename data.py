@@ -132,7 +132,7 @@ def _swift_row(r):
         raise ValueError(f"{len(r['videos'])} videos; one per row is read")
     query = re.search(r"sentence '(.*)', determining", text(turns["user"]), re.S)
     if query is None:
-        raise ValueError("the user turn holds no TimeLens instruction (\"... the sentence '<query>', determining ...\")")
+        raise ValueError("the user turn holds no TimeLens instruction (\"... the sentence '<query>', determining\")")
     span = parse_span(text(turns["assistant"]))
     if span is None:
         raise ValueError("the assistant turn holds no '<start> - <end>' answer")

@@ -116,7 +116,8 @@ def judge(answer, sample, tolerance=0.25):
     feedback is the verdict as one line of text, the teacher's privileged information (visd.py), e.g.
     "Judge: IoU 0.33; a span, start before end; start 2.0 s too early, it is 4.0; end correct, it is 6.0."
     Ours: VISD's judge is an LLM writing free text; the tolerance (0.25 s, half the miniature's answer grid) too; and
-    each boundary's true value is always named, so that reading the feedback is one skill (lib/miniature.py's feedback_prompts).
+    each boundary's true value is always named, so that reading the feedback is one skill (feedback_prompts in
+    lib/miniature.py).
     """
     truth = sample.span
     span = data.parse_span(answer)

@@ -171,10 +171,10 @@ def curriculum(args, student, processor, teacher, score, loss_fn):
 
 
 def train_in_stages(args, names, run):
-    """A curriculum (tvdf.py's rounds, neighbours/tempo.py's strengths): args.steps split over the stages (the remainder to the
-    last); run(i, stage_args) trains stage i (an opd.train call) in OUT/<names[i]>/ and returns its evaluation
-    records. The stages' logs are joined into OUT/log.jsonl, steps and wall time running on, each record tagged
-    with its stage. Returns the joined evaluation records, like opd.train."""
+    """A curriculum (tvdf.py's rounds, neighbours/tempo.py's strengths): args.steps split over the stages (the
+    remainder to the last); run(i, stage_args) trains stage i (an opd.train call) in OUT/<names[i]>/ and returns its
+    evaluation records. The stages' logs are joined into OUT/log.jsonl, steps and wall time running on, each record
+    tagged with its stage. Returns the joined evaluation records, like opd.train."""
     steps = [args.steps // len(names)] * (len(names) - 1)
     steps.append(args.steps - sum(steps))
     os.makedirs(args.out, exist_ok=True)

@@ -2,9 +2,9 @@
 PyTorch's FSDP2.
 
 Each of the N copies shards the student and the teacher with `fully_shard` (every rank holds 1/N of each weight and
-gathers a layer only while running it), takes its own 1/N of each step's prompts (lib/run.py's plan), and FSDP averages the
-gradients. A plain `python opd.py` is rank 0 of 1 and none of this runs. On CPU the same path runs with the gloo
-backend (tests/test_distributed.py).
+gathers a layer only while running it), takes its own 1/N of each step's prompts (`plan` in lib/run.py), and FSDP
+averages the gradients. A plain `python opd.py` is rank 0 of 1 and none of this runs. On CPU the same path runs
+with the gloo backend (tests/test_distributed.py).
 """
 import contextlib
 import os

@@ -5,9 +5,10 @@
 
 Counted, not measured: the parameters of each model (built from its config on the meta device: no weight is read),
 the longest training prompt (the videos ranked by their headers, the largest encoded: its tokens and video
-patches), the step's layout (opd.collect keeps every rollout of the step, with its video, until opd.update has used
-them) and per-token activation sizes of one Qwen3 decoder layer (ACTIVATION). docs/results.md, "Memory per GPU", compares the estimate with measured peaks
-(tests/bench_real_dims.py); tests/test_memory.py checks it against measured steps at reduced widths.
+patches), the step's layout (opd.collect keeps every rollout of the step, with its video, until opd.update has
+used them) and per-token activation sizes of one Qwen3 decoder layer (ACTIVATION). docs/results.md, "Memory per GPU",
+compares the estimate with measured peaks (tests/bench_real_dims.py); tests/test_memory.py checks it against
+measured steps at reduced widths.
 """
 import torch
 

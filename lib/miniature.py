@@ -1,8 +1,8 @@
 """The built-in miniature: a real Qwen3-VL teacher and student, built and trained offline.
 
-It ships built in miniature/ (MANIFEST.json: a sha256 per file, the versions that built it); `python -m lib.miniature --out DIR`
-rebuilds it from scratch. Its SFT is chaotic: other library versions or another CPU can give another miniature (the
-stops in build are what a build fixes, not the models). A build makes:
+It ships built in miniature/ (MANIFEST.json: a sha256 per file, the versions that built it);
+`python -m lib.miniature --out DIR` rebuilds it from scratch. Its SFT is chaotic: other library versions or
+another CPU can give another miniature (the stops in build are what a build fixes, not the models). A build makes:
   1. mp4 clips (read like Charades videos): coloured shapes, each visible during its own whole-second interval; the
      query names one ("the red circle"), its interval is the answer. Train/val/test in data.py's plain JSONL (val:
      SFT's stop and every tuning); train_noisy.jsonl with a share of wrong spans, listed in noisy.json (TVDF's TRPV);

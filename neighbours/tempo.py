@@ -228,7 +228,8 @@ def halfway_student(args):
     paths = toy.miniature_paths(os.path.dirname(os.path.abspath(args.student)))
     report = json.load(open(paths["metrics"])) if os.path.exists(paths["metrics"]) else {}
     if "config" not in report or paths["student"] != os.path.abspath(args.student) or fsdp.world() > 1:
-        raise data.DataError("--pre-sft rebuilds the SFT of a student lib/miniature.py built (its metrics.json records how): "
+        raise data.DataError("--pre-sft rebuilds the SFT of a student lib/miniature.py built (its metrics.json says "
+                             "how): "
                              "only on the miniature, in one process")
     cfg = toy.ToyConfig(**report["config"])
     processor = AutoProcessor.from_pretrained(paths["student"])

@@ -28,7 +28,8 @@ ANSWER = "The event happens in 1.0 - 2.0 seconds"
 # ----------------------------------------------------------------------------- processors
 @pytest.fixture(scope="module")
 def toy_dir(tmp_path_factory):
-    """The miniature's processor as miniature.build saves it (its tokenizer, real Qwen3VLProcessor, miniature.CHAT_TEMPLATE)."""
+    """The miniature's processor as miniature.build saves it (its tokenizer, real Qwen3VLProcessor,
+    miniature.CHAT_TEMPLATE)."""
     out = tmp_path_factory.mktemp("toy_processor")
     miniature.make_processor(str(out), miniature.ToyConfig.reduced())
     return out

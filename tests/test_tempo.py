@@ -1,4 +1,5 @@
-"""neighbours/tempo.py (TEMPO): the DPO loss on crafted numbers, the perturbations, identical-pair masking, a smoke run."""
+"""neighbours/tempo.py (TEMPO): the DPO loss on crafted numbers, the perturbations, identical-pair masking, a
+smoke run."""
 import json
 import math
 

@@ -1,4 +1,5 @@
-"""neighbours/va_opd.py: the degraded view, the visual advantage, the rollout weights, the token split, the loss, a smoke run."""
+"""neighbours/va_opd.py: the degraded view, the visual advantage, the rollout weights, the token split, the loss,
+a smoke run."""
 import json
 import math
 

@@ -1,4 +1,5 @@
-"""neighbours/visd.py: the per-token advantages, the EMA teacher, the privileged prompt, a smoke run against plain GRPO."""
+"""neighbours/visd.py: the per-token advantages, the EMA teacher, the privileged prompt, a smoke run against
+plain GRPO."""
 import copy
 import json
 
