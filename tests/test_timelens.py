@@ -113,3 +113,44 @@ def test_timelens_metrics_hand_worked():
     ours = ev.compute_metrics([data.parse_span(a) for a in answers], [s.span for s in samples])
     # ours: no rounding, every answer counted: IoU 0.91, 0.71, 0, 0.83, 1.0, so 4 of 5 at >= 0.7, against 1 of 4
     assert ours["R1@0.7"] == pytest.approx(80.0)
+
+
+def test_the_port_agrees_with_timelens_own_code_on_random_answers():
+    """TimeLens's own extract_time and iou (tests/data/timelens, copied unchanged) with its eval script's fallback,
+    rounding and keys and compute_metrics' counting, against eval.timelens_spans / timelens_metrics."""
+    import importlib.util
+    import os
+    import random
+    from conftest import TESTS_DATA
+    spec = importlib.util.spec_from_file_location("timelens_utils", TESTS_DATA / "timelens" / "utils.py")
+    tl = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tl)
+
+    def reference(answers, samples):  # eval_dataloader.py, then compute_metrics.py
+        results = {}
+        for answer, s in zip(answers, samples):
+            spans = tl.extract_time(answer) or [[s.duration + 10, s.duration + 20]]
+            results[f"{os.path.basename(s.video)}>>>{data.clean_query(s.query)}>>>{list(s.span)}"] = [
+                [round(a / 1.0) * 1.0, round(b / 1.0) * 1.0] for a, b in spans]
+        ious = [tl.iou(eval(key.split(">>>")[2]), spans[0]) for key, spans in results.items()]
+        out = {f"R1@{t}": sum(x >= t for x in ious) * 100 / len(ious) for t in ev.THRESHOLDS}
+        return out | {"mIoU": sum(ious) * 100 / len(ious)}
+
+    rng = random.Random(0)
+    number = lambda: str(rng.choice([rng.randint(0, 200), round(rng.uniform(0, 200), rng.choice([1, 2]))]))
+    clock = lambda: rng.choice(["{}:{:02d}", "00:{}:{:02d}"]).format(rng.randint(0, 59), rng.randint(0, 59))
+    forms = ["The event happens in {a} - {b} seconds.", "{a} to {b}", "from {a}s to {b}s", "between {a} and {b}",
+             "Starting time: {a} seconds. Ending time: {b} seconds", "no idea", "at {a} seconds", "{a} - {b}, or {c} - {d}",
+             "<{a} seconds> - <{b} seconds>", "It Happens In {a} To {b}"]
+    for _ in range(100):
+        samples, answers = [], []
+        for i in range(rng.randint(1, 20)):
+            duration = rng.uniform(5, 200)
+            start = round(rng.uniform(0, duration - 1), 1)
+            span = (start, round(rng.uniform(start + 0.1, duration), 1))
+            video, query = f"/v/{rng.randint(0, 4)}.mp4", rng.choice(["a man runs.", "a man runs", " a dog  barks ", "x"])
+            samples.append(data.Sample(video, query, span, round(duration, 2), f"{i}"))
+            part = clock if rng.random() < 0.2 else number
+            answers.append(rng.choice(forms).format(a=part(), b=part(), c=part(), d=part()))
+        assert [ev.timelens_spans(a) for a in answers] == [[tuple(p) for p in tl.extract_time(a)] for a in answers]
+        assert ev.timelens_metrics(answers, samples) == pytest.approx(reference(answers, samples))
