@@ -11,15 +11,17 @@ data, decoding settings); an interrupted run resumes there, and only with the sa
 --compare reads training runs' log.jsonl files and prints/plots their evaluation curves side by side (lib/report.py).
 """
 import argparse
+import functools
 import json
 import os
 import re
 
+import torch
 from tqdm import tqdm
 
 import data
 import rollout
-from lib import report
+from lib import fsdp, report
 
 THRESHOLDS = (0.3, 0.5, 0.7)
 
@@ -139,29 +141,49 @@ def judge(answer, sample, tolerance=0.25):
 
 # ----------------------------------------------------------------------------- predictions over a dataset
 def predict(model, processor, samples, batch_size=8, max_new_tokens=32, skip_bad=False, temperature=None,
-            desc="predict", fps=2.0, max_frames=256):
-    """Answer every sample -> one dict per usable sample: id, query, gt, answer, pred, iou.
+            desc="predict", fps=2.0, max_frames=256, num_workers=0):
+    """Answer every sample -> one dict per usable sample, in the samples' order: id, query, gt, answer, pred, iou.
 
     Greedy by default; with `skip_bad` an unreadable video is skipped and counted instead of stopping the run.
+    num_workers: DataLoader processes decoding and encoding the next batches. Under torchrun each rank answers its
+    share (shard) and every rank returns all the rows (fsdp.gather).
     """
-    rows, bad = [], 0
-    for i in tqdm(range(0, len(samples), batch_size), desc=desc, leave=False):
-        chunk = samples[i:i + batch_size]
-        videos, errors = data.load_videos(chunk, skip_bad, fps, max_frames)
-        bad += len(errors)
-        chunk, videos = zip(*[(s, v) for s, v in zip(chunk, videos) if v is not None]) if len(errors) < len(chunk) \
-            else ((), ())
-        if not chunk:
+    mine = shard(len(samples), batch_size)
+    loader = torch.utils.data.DataLoader([[(j, samples[j]) for j in b] for b in mine], batch_size=None,
+                                         num_workers=num_workers, collate_fn=functools.partial(
+                                             _encoded, processor, skip_bad, fps, max_frames))
+    rows, bad = {}, 0
+    for kept, batch, skipped in tqdm(loader, total=len(mine), desc=desc, leave=False):
+        bad += skipped
+        if batch is None:
             continue
-        batch = data.encode(processor, chunk, videos)
         ids, mask = rollout.generate(model, processor, batch, max_new_tokens, temperature)
-        for s, answer in zip(chunk, rollout.decode(processor, ids, mask)):
+        for (j, s), answer in zip(kept, rollout.decode(processor, ids, mask)):
             pred = data.parse_span(answer)
-            rows.append({"id": s.id, "query": s.query, "gt": list(s.span), "answer": answer,
-                         "pred": list(pred) if pred else None, "iou": iou(pred, s.span)})
+            rows[j] = {"id": s.id, "query": s.query, "gt": list(s.span), "answer": answer,
+                       "pred": list(pred) if pred else None, "iou": iou(pred, s.span)}
     if bad:
         print(f"skipped {bad} samples with unreadable videos")
-    return rows
+    rows = {j: row for part in fsdp.gather(rows) for j, row in part.items()}
+    return [rows[j] for j in sorted(rows)]
+
+
+def shard(n, batch_size):
+    """This rank's batches of sample indices 0..n-1: every world-th index from its rank on, repeated at the end so that
+    every rank runs the same number of generate calls (FSDP: each is collective); a repeat answers again, once."""
+    mine = list(range(fsdp.rank(), n, fsdp.world())) or [0]
+    mine += mine[-1:] * (-(-n // fsdp.world()) - len(mine))
+    return [mine[i:i + batch_size] for i in range(0, len(mine), batch_size)]
+
+
+def _encoded(processor, skip_bad, fps, max_frames, batch):
+    """[(index, Sample)] -> (the ones whose video decoded, their encoded prompts or None, how many were skipped)."""
+    videos, errors = data.load_videos([s for _, s in batch], skip_bad, fps, max_frames)
+    kept = [(item, v) for item, v in zip(batch, videos) if v is not None]
+    if not kept:
+        return [], None, len(errors)
+    items = [item for item, _ in kept]
+    return items, data.encode(processor, [s for _, s in items], [v for _, v in kept]), len(errors)
 
 
 def evaluate(model, processor, samples, **kw):

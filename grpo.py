@@ -32,7 +32,8 @@ class GRPOArgs(opd.Args):
 
 # OPD's rollouts per step (2 prompts x 8 = 16), and GRPO's own lr and budget, tuned on the validation clips like
 # every method: lr 1e-4 of 1e-4 / 3e-4 / 1e-3, and 2,500 steps, past GRPO's plateau (docs/results.md).
-MINIATURE = opd.MINIATURE | dict(prompts_per_step=2, micro_batch=2, lr=1e-4, steps=2500, eval_every=50)
+MINIATURE = opd.MINIATURE | dict(prompts_per_step=2, micro_batch=2, lr=1e-4, steps=2500, eval_every=50,
+                                 eval_batch_size=2)
 
 
 def group_advantages(rewards, group_size, scale=False):

@@ -29,6 +29,7 @@ class RunArgs:
     video_root: str = None          # folder with the videos (default: each annotation file's folder)
     eval_every: int = 20            # greedy evaluation every N steps (0: only before and after)
     eval_limit: int = 0             # evaluate on the first N test queries only (0: all)
+    eval_batch_size: int = 8        # queries per generate call in the periodic evaluation (split over the ranks)
     save_every: int = 50            # checkpoint every N steps, at the end, and on Ctrl-C / SIGTERM
     resume: bool = False            # continue the run in --out from its checkpoint
     overwrite: bool = False         # replace the run already in --out (without it or --resume: refused)
@@ -48,6 +49,7 @@ BOUNDS = dict(steps=(1, True), prompts_per_step=(1, True), rollouts_per_prompt=(
               lr=(0, False), warmup_steps=(0, True), weight_decay=(0, True), grad_clip=(0, False),
               temperature=(0, False), max_new_tokens=(1, True), kl_chunk=(1, True), fps=(0, False),
               max_frames=(2, True), num_workers=(0, True), eval_every=(0, True), eval_limit=(0, True),
+              eval_batch_size=(1, True),
               save_every=(1, True), group_size=(1, True), ppo_epochs=(1, True), clip_eps=(0, False),
               rounds=(1, True), k=(1, True), pool=(0, True), teacher_samples=(1, True), epochs=(0, True),
               warmup_ratio=(0, True))

@@ -96,6 +96,15 @@ def load_optimizer_state(model, opt, state):
     set_optimizer_state_dict(model, opt, state, options=StateDictOptions(full_state_dict=dist.is_initialized()))
 
 
+def gather(obj):
+    """Every rank's `obj` (any picklable value) -> [obj of rank 0, rank 1, ...] on every rank; [obj] for one process."""
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * world()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def mean_over_ranks(values):
     """A list of floats, averaged over ranks (for the log: each rank saw 1/N of the step's rollouts)."""
     if not dist.is_initialized():

@@ -87,8 +87,9 @@ class Run:
         args, student = self.args, self.student
         student.eval()
         with fsdp.autocast(args, student):
-            metrics, _ = ev.evaluate(student, self.processor, self.test, batch_size=args.micro_batch, fps=args.fps,
-                                     max_frames=args.max_frames, desc=f"eval @{step}")
+            metrics, _ = ev.evaluate(student, self.processor, self.test, batch_size=args.eval_batch_size,
+                                     fps=args.fps, max_frames=args.max_frames, desc=f"eval @{step}",
+                                     num_workers=args.num_workers)
         student.train()
         record = {"step": step, "wall": round(self.wall, 2), "eval": metrics}
         write(self.log, record)
@@ -284,7 +285,8 @@ def teacher_metrics(args, teacher, processor):
             return json.load(f)
     test = data.load_annotations(args.eval_data, args.video_root)
     metrics, _ = ev.evaluate(teacher, processor, test[:args.eval_limit] if args.eval_limit else test,
-                             batch_size=args.micro_batch, fps=args.fps, max_frames=args.max_frames, desc="teacher")
+                             batch_size=args.eval_batch_size, fps=args.fps, max_frames=args.max_frames, desc="teacher",
+                             num_workers=args.num_workers)
     if fsdp.rank() == 0:
         with open(path, "w") as f:
             json.dump(metrics, f)

@@ -36,6 +36,11 @@ def _assert_same_run(a, b, tiny):
         assert torch.allclose(wa[k], wb[k], atol=1e-6), k
     start = _weights(tiny["student"])
     assert any(not torch.equal(wa[k], start[k]) for k in start)
+    # the periodic evaluation, split over the ranks (each answers its share) and gathered: the same metrics
+    # (a resumed run also holds the evaluation its first part ended with)
+    evals = [{r["step"]: r["eval"] for r in map(json.loads, open(run / "log.jsonl")) if "eval" in r} for run in (a, b)]
+    both = evals[0].keys() & evals[1].keys()
+    assert len(both) >= 2 and {k: evals[0][k] for k in both} == {k: evals[1][k] for k in both}
 
 
 def test_opd_two_processes_match_one(tiny, tmp_path):
