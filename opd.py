@@ -137,21 +137,21 @@ def load_student(args):
         model.model.visual.requires_grad_(False)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable()
-    return fsdp.shard(model), processor
+    return fsdp.shard(model, args.bf16), processor
 
 
 def load_teacher(args, student, processor):
     """The frozen teacher, sharded like the student, its tokenizer checked against the student's -> (teacher,
     vocab): the student's vocabulary size, to which the teacher's logits are cut (rollout.completion_logits)."""
-    teacher, teacher_processor = load_frozen(args.teacher)
+    teacher, teacher_processor = load_frozen(args.teacher, bf16=args.bf16)
     check_tokenizers(processor, teacher_processor)
     return teacher, student.get_output_embeddings().weight.shape[0]
 
 
-def load_frozen(path, dtype=None):
+def load_frozen(path, dtype=None, bf16=False):
     """A model for inference only (a teacher, a reference), sharded like the student -> (model, processor)."""
     model, processor = rollout.load_model(path, device=fsdp.load_device(), dtype=dtype)
-    return fsdp.shard(model.requires_grad_(False)), processor
+    return fsdp.shard(model.requires_grad_(False), bf16), processor
 
 
 # ALGO LOGIC: the teacher's view of the student's tokens

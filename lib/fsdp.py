@@ -40,16 +40,20 @@ def load_device():
     return "cpu" if dist.is_initialized() or not torch.cuda.is_available() else "cuda"
 
 
-def shard(model):
-    """FSDP2 units: each transformer block (the classes transformers lists as `_no_split_modules`), then the rest."""
+def shard(model, bf16=False):
+    """FSDP2 units: each transformer block (the classes transformers lists as `_no_split_modules`), then the rest.
+    bf16 (--bf16): FSDP's mixed precision, in place of autocast (see autocast): each unit is gathered in bf16 and
+    computes in bf16, the gradients are reduced in fp32 onto the fp32 shards."""
     if not dist.is_initialized():
         return model
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     mesh = dist.device_mesh.init_device_mesh("cuda" if torch.cuda.is_available() else "cpu", (world(),))
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else \
+        MixedPrecisionPolicy()
     for module in model.modules():
         if type(module).__name__ in model._no_split_modules:
-            fully_shard(module, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+            fully_shard(module, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
     # FSDP fixes which unit is the root at the first forward. transformers' generate runs the vision tower before
     # the model's forward, which would make a vision block a root of its own: fix the structure now instead.
     model._get_fsdp_state()._lazy_init()
@@ -70,8 +74,10 @@ def gathered(model):
 
 
 def autocast(args, model):
-    """bf16 autocast around the forward passes with --bf16 (GPU users), else a context that does nothing."""
-    return torch.autocast(model.device.type, torch.bfloat16, enabled=args.bf16)
+    """bf16 autocast around the forward passes with --bf16 in one process, else a context that does nothing. Under
+    FSDP the units compute in bf16 themselves (shard): autocast there would cast each gathered weight and keep the
+    cast, in its cache or for backward, a bf16 copy of the whole model on every GPU (docs/results.md)."""
+    return torch.autocast(model.device.type, torch.bfloat16, enabled=args.bf16 and not dist.is_initialized())
 
 
 def save_model(model, processor, path):

@@ -161,10 +161,10 @@ def training(args, size, trainable, s):
     total += 4 * trainable / s["world"]  # the gradients
     if getattr(size["config"], "tie_word_embeddings", False):  # the LM head's gradient and the embedding's, summed
         total += size["text"].vocab_size * H * 4 / s["world"]
-    if args.bf16:  # autocast keeps a bf16 copy of each trainable weight for the forward
-        total += 2 * trainable / s["world"]
-    if s["world"] > 1:  # FSDP gathers a block (and the next, prefetched) and the root's embeddings, LM head
-        total += (2 * size["largest_block"] + size["root"]) * 4
+    if args.bf16 and s["world"] == 1:  # autocast keeps a bf16 copy of each trainable weight for the backward
+        total += 2 * trainable
+    if s["world"] > 1:  # FSDP gathers a block (and the next, prefetched) and the root's embeddings, LM head, in bf16
+        total += (2 * size["largest_block"] + size["root"]) * (2 if args.bf16 else 4)  # under --bf16 (fsdp.shard)
     return total
 
 
@@ -176,7 +176,7 @@ def generation(size, s):
     prefill = inference_layer(s["micro"] * s["L"] if s["packed"] else seqs * s["L"], H, I, s["act"])
     copies = 1 if s["share"] else s["group"]
     vision = vision_pass(size, s["micro"] * s["patches"] * copies, s["act"])
-    gathered = (2 * size["largest_block"] + size["root"]) * 4 if s["world"] > 1 else 0
+    gathered = (2 * size["largest_block"] + size["root"]) * s["act"] if s["world"] > 1 else 0  # bf16 under --bf16
     return cache + max(prefill, vision) + gathered
 
 

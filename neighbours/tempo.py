@@ -176,7 +176,7 @@ def main():
     if args.pre_sft:  # the student becomes the miniature student halfway through its SFT
         sft = halfway_student(args)
     student, processor = opd.load_student(args)
-    ref, _ = opd.load_frozen(args.student)  # the frozen initial student: DPO's reference
+    ref, _ = opd.load_frozen(args.student, bf16=args.bf16)  # the frozen initial student: DPO's reference
     forbidden = rollout.forbidden_ids(processor)
 
     def make_score(r):

@@ -93,11 +93,12 @@ def main():
     torch.manual_seed(args.seed)
     student, processor = opd.load_student(args)
     forbidden = rollout.forbidden_ids(processor)
-    ref = opd.load_frozen(args.student)[0] if args.beta else None
+    ref = opd.load_frozen(args.student, bf16=args.bf16)[0] if args.beta else None
     grpo_score = grpo.make_score(args, ref, forbidden)
     # the teacher: the policy itself at the start, then its EMA; loaded again from disk because FSDP modules cannot
     # be deepcopied. Not checkpointed: --resume restarts it from the checkpoint's student.
-    teacher, _ = opd.load_frozen(f"{args.out}/checkpoint" if args.resume else args.student, dtype=torch.float32)
+    teacher, _ = opd.load_frozen(f"{args.out}/checkpoint" if args.resume else args.student, dtype=torch.float32,
+                                 bf16=args.bf16)
     done = [run.checkpoint_step(args.out) if args.resume else 0]  # optimizer steps so far, for the schedule
 
     def score(seq, ids, mask, ious, chunk, videos):
