@@ -172,12 +172,21 @@ def generation(size, s):
     """generate on one micro-batch: the KV cache of every rollout, one prefill layer, the vision tower."""
     H, I, q, kv, layers = widths(size["text"])
     seqs = s["micro"] * s["group"]
-    cache = layers * 2 * kv * (s["L"] + s["T"]) * seqs * s["act"]  # rollout.prefilled repeats it per rollout
+    cache = kv_cache(size, seqs, s["L"] + s["T"], s["act"], s["world"])  # rollout.prefilled repeats it per rollout
     prefill = inference_layer(s["micro"] * s["L"] if s["packed"] else seqs * s["L"], H, I, s["act"])
     copies = 1 if s["share"] else s["group"]
     vision = vision_pass(size, s["micro"] * s["patches"] * copies, s["act"])
     gathered = (2 * size["largest_block"] + size["root"]) * s["act"] if s["world"] > 1 else 0  # bf16 under --bf16
     return cache + max(prefill, vision) + gathered
+
+
+def kv_cache(size, rows, tokens, act, world):
+    """Bytes of the KV cache of `rows` sequences of `tokens`. Under bf16 autocast over fp32 weights (one process)
+    the keys are fp32: Qwen3's fp32 k_norm weight and the rope promote them; the values are bf16. Under FSDP's
+    mixed precision (fsdp.shard) both are bf16 (tests/test_memory.py checks both against a real cache)."""
+    H, I, q, kv, layers = widths(size["text"])
+    keys = 4 if world == 1 else act
+    return layers * kv * tokens * rows * (keys + act)
 
 
 def scoring(size, nbytes, s):

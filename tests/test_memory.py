@@ -137,3 +137,25 @@ def test_the_longest_prompt_is_found_by_tokens_not_by_duration(tmp_path):
         tokens[path] = data.encode(processor, [sample], data.load_videos([sample])[0])["input_ids"].shape[1]
     assert tokens[large] > tokens[small]
     assert memory.prompt_size(args, candidates=1)[0] == tokens[large]
+
+
+def test_the_kv_cache_is_counted_in_the_dtypes_it_has(tiny):
+    """bf16 autocast over the student's fp32 weights keeps fp32 keys (Qwen3's fp32 k_norm weight and the rope promote
+    them) beside bf16 values: 1.5x a bf16 cache. kv_cache counts what the model's own cache holds, with autocast and
+    with bf16 weights (as FSDP's mixed precision computes)."""
+    import data
+    import rollout
+    model, processor = rollout.load_model(tiny["student"])
+    samples = data.load_annotations(tiny["test"])[:2]
+    batch = data.encode(processor, samples, data.load_videos(samples)[0])
+    size = memory.model_size(tiny["student"])
+    rows, tokens = batch["input_ids"].shape
+
+    def measured(m, autocast):
+        with torch.no_grad(), torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+            cache = m(**batch, use_cache=True).past_key_values
+        return sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
+    assert measured(model, True) == memory.kv_cache(size, rows, tokens, 2, world=1)
+    batch["pixel_values_videos"] = batch["pixel_values_videos"].to(torch.bfloat16)
+    assert measured(model.to(torch.bfloat16), False) == memory.kv_cache(size, rows, tokens, 2, world=2)
+    assert memory.kv_cache(size, rows, tokens, 2, world=1) == 1.5 * memory.kv_cache(size, rows, tokens, 2, world=2)
