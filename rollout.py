@@ -140,7 +140,7 @@ def reprompt(processor, samples, videos, ids, mask, feedback=None):
 
 
 def completion_logits(model, seq, T, temperature, forbidden, vocab=None, features=None):
-    """Logits / temperature of the T completion positions only: [B, T, V].
+    """Logits / temperature of the T completion positions only: [B, T, V] in fp32.
 
     `logits_to_keep` makes the LM head run on the last T + 1 positions, so the [B, L, V] logits of a long video
     prompt never exist. Forbidden (vision) tokens get -inf: the support is the one sampling used. `vocab` slices
@@ -154,7 +154,8 @@ def completion_logits(model, seq, T, temperature, forbidden, vocab=None, feature
     logits = logits[..., :vocab] if vocab else logits
     blocked = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
     blocked[forbidden] = True
-    return (logits / temperature).masked_fill(blocked, float("-inf"))
+    # in fp32, as generate samples: a bf16 model's logits / T rounded in bf16 would be another distribution
+    return (logits.float() / temperature).masked_fill(blocked, float("-inf"))
 
 
 def token_logp(logits, ids):

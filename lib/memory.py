@@ -120,7 +120,7 @@ def estimate(args, frozen=(), group=1, world=1, cuda=None, first_step=False):
     if args.share_prompt and args.freeze_vision:
         stored += video_tokens * student["text"].hidden_size * (1 + student["deepstack"]) * act
     if getattr(args, "loss", None) == "fullkl":
-        stored += group * args.max_new_tokens * student["text"].vocab_size * (2 if cuda or args.bf16 else 4)
+        stored += group * args.max_new_tokens * student["text"].vocab_size * 4  # fp32 (rollout.completion_logits)
     parts = {"student weights": 4 * student["params"] / world,  # fp32 master weights (opd.load_student)
              "AdamW moments": 8 * trainable / world,
              "frozen models": sum(nbytes * size["params"] for size, nbytes in teachers) / world,

@@ -101,6 +101,16 @@ def test_completion_logits_slices_padded_teacher_vocab_and_blocks_forbidden():
     assert torch.allclose(out[..., 0], logits[:, 2:5, 0] / 2.0)
 
 
+def test_completion_logits_of_a_bf16_model_are_divided_in_fp32():
+    """generate samples from fp32 logits / T; the scores must be of the same distribution. Before, a bf16 model's
+    logits were divided by T in bf16 (log-probs off by up to ~1e-2 at T 0.9)."""
+    logits = (torch.randn(2, 6, 10) * 8).to(torch.bfloat16)
+    fake = lambda **kw: SimpleNamespace(logits=logits[:, -kw["logits_to_keep"]:])
+    out = rollout.completion_logits(fake, {}, T=3, temperature=0.9, forbidden=[])
+    assert out.dtype == torch.float32
+    assert torch.equal(out, logits[:, 2:5].float() / 0.9)
+
+
 def test_completion_mask_keeps_eos_when_pad_equals_eos():
     eos = 9
     ids = torch.tensor([[4, 5, eos, eos, eos], [4, eos, 6, 7, eos], [1, 2, 3, 4, 5]])
