@@ -21,7 +21,7 @@ import torch
 import data
 import eval as ev
 import rollout
-from lib import cli, fsdp, run
+from lib import cli, fsdp, run, share
 
 
 @dataclass
@@ -226,7 +226,7 @@ def collect(args, rollout_model, processor, prepared, score, step, timing):
         # not inference_mode: the scores enter the autograd graph as constants
         with run.timed(timing, "teacher"), torch.no_grad(), fsdp.autocast(args, rollout_model):
             scored = score(seq, ids, mask, ious, chunk, videos)                                   # score
-        rollouts.append(dict(seq=seq, ids=ids, mask=mask, scored=scored, ious=ious))
+        rollouts.append(dict(seq=share.lean(seq, rollout_model), ids=ids, mask=mask, scored=scored, ious=ious))
     return rollouts
 
 

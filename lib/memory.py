@@ -114,11 +114,12 @@ def estimate(args, frozen=(), group=1, world=1, cuda=None, first_step=False):
     micro = min(args.micro_batch, prompts)
     shape = dict(L=L, T=args.max_new_tokens, micro=micro, group=group, patches=patches, act=act,
                  packed=args.share_prompt and group > 1, share=args.share_prompt, world=world)
-    # the step's rollouts, kept until the update: video patches (bf16 under --bf16, else fp32; once per prompt when
-    # shared), the student's video features (shared, frozen tower), the teacher's logits (--loss fullkl)
-    stored = patches * patch_values * act * (1 if args.share_prompt else group)
-    if args.share_prompt and args.freeze_vision:
-        stored += video_tokens * student["text"].hidden_size * (1 + student["deepstack"]) * act
+    # the step's rollouts, kept until the update: the student's video features (shared, frozen tower), else the video
+    # patches (bf16 under --bf16, else fp32; once per prompt when shared); the teacher's logits (--loss fullkl)
+    if args.share_prompt and args.freeze_vision:  # the features stand in for the patches (share.lean)
+        stored = video_tokens * student["text"].hidden_size * (1 + student["deepstack"]) * act
+    else:
+        stored = patches * patch_values * act * (1 if args.share_prompt else group)
     if getattr(args, "loss", None) == "fullkl":
         stored += group * args.max_new_tokens * student["text"].vocab_size * 4  # fp32 (rollout.completion_logits)
     parts = {"student weights": 4 * student["params"] / world,  # fp32 master weights (opd.load_student)

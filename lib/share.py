@@ -96,7 +96,7 @@ def forward_inputs(model, batch, features=None):
         return inputs
     if features is None:
         features = video_features(model, batch)
-    del inputs["pixel_values_videos"]
+    inputs.pop("pixel_values_videos", None)  # lean may have dropped them already
     inputs["mm_encoder_outputs"] = {"video": features}
     return inputs
 
@@ -197,6 +197,15 @@ def once(features, group):
     return out
 
 
+
+
+def lean(seq, model):
+    """seq without its video patches when `model`'s training forward will not read them: the features generate kept
+    for it stand in (a frozen tower). They would otherwise stay on the GPU with the step's rollouts until the
+    update."""
+    if kept(model, seq) is None:
+        return seq
+    return BatchFeature({k: v for k, v in seq.items() if k != "pixel_values_videos"})
 
 
 # ----------------------------------------------------------------------------- rollout.py's two branches

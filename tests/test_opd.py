@@ -377,3 +377,24 @@ def test_each_prompt_goes_through_the_model_once_per_step(tiny, tmp_path, monkey
 def _first_sample(tiny):
     (s,) = data.load_annotations(tiny["train"])[:1]
     return s, data.load_video(s.video)
+
+
+def test_a_rollout_keeps_no_video_patches_once_the_features_stand_in(tiny):
+    """share.lean: after sampling and scoring, a rollout of a frozen-tower student keeps the features generate computed
+    for its training forward, not the patches as well; the training logits are the same without them."""
+    from lib import share
+    model, processor = rollout.load_model(tiny["student"])
+    model.train()
+    model.model.visual.requires_grad_(False)
+    samples = data.load_annotations(tiny["test"])[:2]
+    prompt = share.share(data.encode(processor, samples, data.load_videos(samples)[0]), 2)
+    torch.manual_seed(0)
+    ids, mask = rollout.generate(model, processor, prompt, 6, 1.0)
+    seq = rollout.append_completion(prompt, ids, mask)
+    lean = share.lean(seq, model)
+    assert "pixel_values_videos" in seq and "pixel_values_videos" not in lean
+    forbidden = rollout.forbidden_ids(processor)
+    assert torch.equal(rollout.completion_logits(model, seq, 6, 1.0, forbidden),
+                       rollout.completion_logits(model, lean, 6, 1.0, forbidden))
+    teacher, _ = rollout.load_model(tiny["teacher"])  # generate kept no features for a model that does not train
+    assert share.lean(seq, teacher) is seq
