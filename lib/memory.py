@@ -173,7 +173,8 @@ def generation(size, s):
     """generate on one micro-batch: the KV cache of every rollout, one prefill layer, the vision tower."""
     H, I, q, kv, layers = widths(size["text"])
     seqs = s["micro"] * s["group"]
-    cache = kv_cache(size, seqs, s["L"] + s["T"], s["act"], s["world"])  # rollout.prefilled repeats it per rollout
+    keys = 4 if s["world"] == 1 else s["act"]  # fp32 under autocast over fp32 weights (kv_cache)
+    cache = kv_cache(size, seqs, s["L"] + s["T"], keys, s["act"])  # rollout.prefilled repeats it per rollout
     prefill = inference_layer(s["micro"] * s["L"] if s["packed"] else seqs * s["L"], H, I, s["act"])
     copies = 1 if s["share"] else s["group"]
     vision = vision_pass(size, s["micro"] * s["patches"] * copies, s["act"])
@@ -181,13 +182,13 @@ def generation(size, s):
     return cache + max(prefill, vision) + gathered
 
 
-def kv_cache(size, rows, tokens, act, world):
-    """Bytes of the KV cache of `rows` sequences of `tokens`. Under bf16 autocast over fp32 weights (one process)
-    the keys are fp32: Qwen3's fp32 k_norm weight and the rope promote them; the values are bf16. Under FSDP's
-    mixed precision (fsdp.shard) both are bf16 (tests/test_memory.py checks both against a real cache)."""
+def kv_cache(size, rows, tokens, key_bytes, value_bytes):
+    """Bytes of the KV cache of `rows` sequences of `tokens`, keys and values of the sizes given. bf16 autocast over
+    fp32 weights (the student in one process) keeps fp32 keys, Qwen3's fp32 k_norm weight and the rope promote them,
+    beside bf16 values; bf16 weights (a loaded teacher, FSDP's mixed precision) keep both in bf16
+    (tests/test_memory.py checks both against a real cache)."""
     H, I, q, kv, layers = widths(size["text"])
-    keys = 4 if world == 1 else act
-    return layers * kv * tokens * rows * (keys + act)
+    return layers * kv * tokens * rows * (key_bytes + value_bytes)
 
 
 def scoring(size, nbytes, s):

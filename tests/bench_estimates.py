@@ -59,8 +59,10 @@ def main():
         args.student = folders[name]
         L, patches, _, _ = memory.prompt_size(args)
         size = memory.model_size(folders[name])
-        shape = dict(L=L, T=32, micro=batch, group=1, patches=patches, act=2, packed=False, share=False, world=1)
-        weights, generate = 2 * size["params"], memory.generation(size, shape)
+        weights = 2 * size["params"]  # loaded in bf16 (rollout.load_model): a bf16 cache, no autocast
+        generate = memory.kv_cache(size, batch, L + 32, 2, 2) + max(
+            memory.inference_layer(batch * L, *memory.widths(size["text"])[:2], 2),
+            memory.vision_pass(size, batch * patches, 2))
         print(f"eval.py, {name}, --batch-size {batch}: {(weights + generate) / memory.GB:.1f} GiB: weights "
               f"{weights / memory.GB:.1f}, + generate {generate / memory.GB:.1f}")
 
