@@ -205,8 +205,8 @@ def parse_args():
     p.add_argument("--overwrite", action="store_true", help="start afresh in an --out that holds other predictions")
     p.add_argument("--batch-size", type=int, default=8, help="queries per generate call")
     p.add_argument("--max-new-tokens", type=int, default=32, help="answer length limit")
-    p.add_argument("--fps", type=float, default=2.0, help="frames per second sampled from each video")
-    p.add_argument("--max-frames", type=int, default=256, help="frame cap per video")
+    p.add_argument("--fps", type=float, default=2.0, help="frames per second sampled from each video (paper: 2)")
+    p.add_argument("--max-frames", type=int, default=768, help="frame cap per video (official code: 768, as training)")
     p.add_argument("--skip-bad", action="store_true", help="skip missing or unreadable videos (counted) instead of "
                    "stopping")
     p.add_argument("--compare", nargs="+", metavar="RUN", help="compare training runs (folders with log.jsonl)")
