@@ -125,7 +125,10 @@ def test_bf16_loss_is_close_to_fp32(student_and_rollouts):
         logp = rollout.token_logp(s, ids)
         losses[bf16] = (opd.fullkl_loss(s, t, mask).item(),
                         opd.opd_loss(logp, logp, rollout.token_logp(t, ids), mask).item())
-    assert s.dtype == torch.bfloat16  # autocast did run the model in bf16
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
+        raw = model(**seq, logits_to_keep=1).logits
+    assert raw.dtype == torch.bfloat16  # autocast did run the model in bf16
+    assert s.dtype == torch.float32  # and completion_logits divides by T in fp32, as generate samples
     for fp32, bf16 in zip(losses[False], losses[True]):
         assert bf16 == pytest.approx(fp32, rel=0.03)
         assert abs(fp32) > 0.05  # not two near-zero numbers
