@@ -78,7 +78,8 @@ def main():
     torch.manual_seed(args.seed)
     student, processor = opd.load_student(args)
     forbidden = rollout.forbidden_ids(processor)
-    ref = opd.load_frozen(args.student, bf16=args.bf16)[0] if args.beta else None  # the frozen initial student, for the k3 KL
+    # the frozen initial student, for the k3 KL
+    ref = opd.load_frozen(args.student, bf16=args.bf16)[0] if args.beta else None
     score = make_score(args, ref, forbidden)
 
     def loss_fn(logits, ids, mask, old_logp, scored):

@@ -24,7 +24,6 @@ import dataclasses
 import json
 import os
 from dataclasses import dataclass
-
 from typing import Literal
 
 import numpy as np
@@ -36,7 +35,7 @@ import opd
 import rollout
 from lib import cli, fsdp, run
 
-
+# the DBTP variants of select
 STRATEGIES = ("topk", "dsus", "bbds", "gwds", "random")
 
 
@@ -170,11 +169,11 @@ def curriculum(args, student, processor, teacher, score, loss_fn):
     return train_in_stages(args, [f"round{r + 1}" for r in range(args.rounds)], run_round)
 
 
-def train_in_stages(args, names, run):
+def train_in_stages(args, names, train_stage):
     """A curriculum (tvdf.py's rounds, neighbours/tempo.py's strengths): args.steps split over the stages (the
-    remainder to the last); run(i, stage_args) trains stage i (an opd.train call) in OUT/<names[i]>/ and returns its
-    evaluation records. The stages' logs are joined into OUT/log.jsonl, steps and wall time running on, each record
-    tagged with its stage. Returns the joined evaluation records, like opd.train."""
+    remainder to the last); train_stage(i, stage_args) trains stage i (an opd.train call) in OUT/<names[i]>/ and
+    returns its evaluation records. The stages' logs are joined into OUT/log.jsonl, steps and wall time running on,
+    each record tagged with its stage. Returns the joined evaluation records, like opd.train."""
     steps = [args.steps // len(names)] * (len(names) - 1)
     steps.append(args.steps - sum(steps))
     os.makedirs(args.out, exist_ok=True)
@@ -184,7 +183,7 @@ def train_in_stages(args, names, run):
         if n == 0:
             continue
         stage_args = dataclasses.replace(args, out=f"{args.out}/{name}", steps=n, resume=False)
-        records = run(i, stage_args)
+        records = train_stage(i, stage_args)
         later = offset[0] > 0  # a later stage's "before" is the previous stage's "after": logged once
         for rec in map(json.loads, open(f"{stage_args.out}/log.jsonl") if fsdp.rank() == 0 else []):
             if not (later and rec["step"] == 0):
