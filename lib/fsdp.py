@@ -6,19 +6,44 @@ gathers a layer only while running it), takes its own 1/N of each step's prompts
 averages the gradients. A plain `python opd.py` is rank 0 of 1 and none of this runs. On CPU the same path runs
 with the gloo backend (tests/test_distributed.py).
 """
+import atexit
 import contextlib
 import os
+import sys
 
 import torch
 import torch.distributed as dist
 
 
 def init_distributed():
-    """Join torchrun's process group (NCCL on GPUs, gloo on CPU); a no-op for a single process."""
+    """Join torchrun's process group (NCCL on GPUs, gloo on CPU), and leave it at exit; a no-op for one process."""
     if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized():
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        sys.excepthook = _noting_failure(sys.excepthook)
+        atexit.register(_leave)
+
+
+_failed = []  # an uncaught exception on this rank: it leaves without waiting for the others
+
+
+def _noting_failure(hook):
+    """sys.excepthook that notes the failure for _leave, then reports it as `hook` does."""
+    def excepthook(*exc):
+        _failed.append(True)
+        hook(*exc)
+    return excepthook
+
+
+def _leave():
+    """At exit, every rank waits for the others, then the process group is closed. A rank that returned first
+    would otherwise tear down its connections while another still reads the last collective ("Connection reset
+    by peer"), or abort in the teardown of a group still open."""
+    if dist.is_initialized():
+        if not _failed:
+            dist.barrier()
+        dist.destroy_process_group()
 
 
 def rank():
