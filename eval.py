@@ -39,7 +39,11 @@ def compute_metrics(pred_spans, gt_spans):
     """Lists of spans (a prediction may be None) -> {"R1@0.3", "R1@0.5", "R1@0.7", "mIoU"} in percent."""
     if not gt_spans:
         raise ValueError("no predictions to score (every sample skipped?)")
-    ious = [iou(p, g) for p, g in zip(pred_spans, gt_spans, strict=True)]
+    return recalls([iou(p, g) for p, g in zip(pred_spans, gt_spans, strict=True)])
+
+
+def recalls(ious):
+    """IoUs -> {"R1@0.3", "R1@0.5", "R1@0.7" (the share at or above each threshold), "mIoU"} in percent."""
     out = {f"R1@{t}": 100.0 * sum(x >= t for x in ious) / len(ious) for t in THRESHOLDS}
     out["mIoU"] = 100.0 * sum(ious) / len(ious)
     return out
@@ -87,10 +91,7 @@ def timelens_metrics(answers, samples):
         pred = [float(round(t)) for t in spans[0]]
         key = f"{os.path.basename(s.video)}>>>{data.clean_query(s.query)}>>>{list(s.span)}"
         results[key] = timelens_iou(s.span, pred)
-    ious = list(results.values())
-    out = {f"R1@{t}": 100.0 * sum(x >= t for x in ious) / len(ious) for t in THRESHOLDS}
-    out["mIoU"] = 100.0 * sum(ious) / len(ious)
-    return out
+    return recalls(list(results.values()))
 
 
 def format_table(rows):

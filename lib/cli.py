@@ -33,12 +33,14 @@ class RunArgs:
     save_every: int = 50            # checkpoint every N steps, at the end, and on Ctrl-C / SIGTERM
     resume: bool = False            # continue the run in --out from its checkpoint
     overwrite: bool = False         # replace the run already in --out (without it or --resume: refused)
-    skip_bad: bool = False          # train without samples whose video file is missing (else: refused)
+    skip_bad: bool = False          # train without samples whose video file is missing, and replace a video that
+    #                                 cannot be decoded mid-run by another sample (else: refused, or the run ends)
     num_workers: int = 1            # DataLoader processes decoding the next steps' videos (0: in the main process)
     share_prompt: bool = True       # each video through each vision tower once per step, a group's prompt through
     #                                 the LLM once per forward (ours, same numbers; off: a copy per rollout)
     gradient_checkpointing: bool = False  # trade compute for activation memory (GPU users)
-    bf16: bool = False              # bf16 autocast for forward passes (GPU users)
+    bf16: bool = False              # bf16 compute (GPU users): autocast in one process, FSDP's mixed precision
+    #                                 under torchrun (lib/fsdp.py)
     force: bool = False             # start even when the memory estimate exceeds the GPU's free memory (lib/memory.py)
     seed: int = 0                   # seeds prompt order, sampling and init
 
@@ -49,8 +51,8 @@ BOUNDS = dict(steps=(1, True), prompts_per_step=(1, True), rollouts_per_prompt=(
               lr=(0, False), warmup_steps=(0, True), weight_decay=(0, True), grad_clip=(0, False),
               temperature=(0, False), max_new_tokens=(1, True), kl_chunk=(1, True), fps=(0, False),
               max_frames=(2, True), num_workers=(0, True), eval_every=(0, True), eval_limit=(0, True),
-              eval_batch_size=(1, True),
-              save_every=(1, True), group_size=(1, True), ppo_epochs=(1, True), clip_eps=(0, False),
+              eval_batch_size=(1, True), save_every=(1, True), group_size=(1, True), ppo_epochs=(1, True),
+              clip_eps=(0, False),
               rounds=(1, True), k=(1, True), pool=(0, True), teacher_samples=(1, True), epochs=(0, True),
               warmup_ratio=(0, True))
 # What only distillation uses: grpo.py and the scripts built on it leave these out of their command lines
