@@ -43,6 +43,8 @@ class RunArgs:
     #                                 under torchrun (lib/fsdp.py)
     force: bool = False             # start even when the memory estimate exceeds the GPU's free memory (lib/memory.py)
     seed: int = 0                   # seeds prompt order, sampling and init
+    report_to: typing.Literal["none", "tensorboard", "wandb"] = "none"  # a live view of the run: each step's record
+    #                                 and each evaluation, with a few answers (lib/live.py; ours, as cleanrl's)
 
 
 # The numeric flags' lower bounds: (bound, True if the bound itself is allowed), for every script's flags of these

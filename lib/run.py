@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 import data
 import eval as ev
-from lib import fsdp, share
+from lib import fsdp, live, share
 
 
 class Run:
@@ -37,20 +37,28 @@ class Run:
         self.samples = samples if samples is not None else data.load_samples(args.data, args.video_root,
                                                                              args.skip_bad)
         self.test, self.group, self.frames, self.stop = load_test(args), group, frames, []
-        self.start, self.wall, self.log, kept = open_run(args, student, opt, sched)
-        self.evals = [r for r in kept if "eval" in r] or ([self.evaluate(self.start)] if self.test else [])
+        self.start, self.wall, self.log, self.evals = open_run(args, student, opt, sched)
+        self.evals = [r for r in self.evals if "eval" in r]
 
     def __enter__(self):
-        """Ctrl-C or SIGTERM asks the loop to stop after this step, a second Ctrl-C stops at once."""
+        """The live view opened and the evaluation before training (unless resumed). Ctrl-C or SIGTERM asks the loop to
+        stop after this step, a second Ctrl-C stops at once."""
         handler = functools.partial(_interrupt, self.stop)
         self.previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+        self.view = live.View(self.args, self.start)
+        try:
+            self.evals = self.evals or ([self.evaluate(self.start)] if self.test else [])
+        except BaseException:
+            self.__exit__()
+            raise
         return self
 
     def __exit__(self, *exc):
-        """The previous signal handlers back, also when a step raised; the log closed."""
+        """The previous signal handlers back, also when a step raised; the log and the live view closed."""
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
         self.log.close()
+        self.view.close()
 
     def __iter__(self):
         """(step, an iterator over this rank's prepared micro-batches, the step's timing dict) for each step left;
@@ -74,6 +82,7 @@ class Run:
         record = step_record(done, self.wall, step_time, rollouts, loss, grad_norm, self.sched.get_last_lr()[0],
                              self.timing)
         write(self.log, record)
+        self.view.step(record)
         self.bar.set_postfix(loss=f"{record['loss']:.3f}", kl=f"{record['kl']:.3f}", iou=f"{record['rollout_iou']:.3f}")
         if self.test and args.eval_every and done % args.eval_every == 0 and done < args.steps:
             self.evals.append(self.evaluate(done))
@@ -87,12 +96,13 @@ class Run:
         args, student = self.args, self.student
         student.eval()
         with fsdp.autocast(args, student):
-            metrics, _ = ev.evaluate(student, self.processor, self.test, batch_size=args.eval_batch_size,
+            metrics, rows = ev.evaluate(student, self.processor, self.test, batch_size=args.eval_batch_size,
                                      fps=args.fps, max_frames=args.max_frames, desc=f"eval @{step}",
                                      num_workers=args.num_workers)
         student.train()
         record = {"step": step, "wall": round(self.wall, 2), "eval": metrics}
         write(self.log, record)
+        self.view.evaluation(record, rows)
         tqdm.write(f"step {step}: " + "  ".join(f"{k} {v:.1f}" for k, v in metrics.items()))
         return record
 

@@ -45,10 +45,12 @@ def _assert_same_run(a, b, tiny):
 
 
 def test_opd_two_processes_match_one(tiny, tmp_path):
-    """Each rank takes 2 of the 4 prompts (one micro-batch); FSDP averages the gradients."""
+    """Each rank takes 2 of the 4 prompts (one micro-batch); FSDP averages the gradients. Rank 0 alone writes the
+    live view."""
     _run("opd.py", tiny, tmp_path / "one", "--steps", "2", "--loss", "fullkl")
-    _torchrun("opd.py", tiny, tmp_path / "two", "--steps", "2", "--loss", "fullkl")
+    _torchrun("opd.py", tiny, tmp_path / "two", "--steps", "2", "--loss", "fullkl", "--report-to", "tensorboard")
     _assert_same_run(tmp_path / "one", tmp_path / "two", tiny)
+    assert len(os.listdir(tmp_path / "two" / "tensorboard")) == 1
     # rank 0 wrote a checkpoint plain transformers loads
     model = AutoModelForImageTextToText.from_pretrained(tmp_path / "two" / "checkpoint")
     assert type(model).__name__ == "Qwen3VLForConditionalGeneration"
