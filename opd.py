@@ -21,7 +21,7 @@ import torch
 import data
 import eval as ev
 import rollout
-from lib import cli, fsdp, run, share
+from lib import cli, fsdp, lora, run, share
 
 
 @dataclass
@@ -128,12 +128,17 @@ def check_tokenizers(student_proc, teacher_proc):
 
 
 def load_student(args):
-    """The trainable student (from the run's checkpoint when resuming) and its processor."""
-    path = f"{args.out}/checkpoint" if args.resume else args.student
+    """The trainable student (from the run's checkpoint when resuming) and its processor. With --lora-rank: the
+    base model from --student, frozen in the dtype the run computes in, with adapters (new, or the checkpoint's)."""
+    adapters = args.lora_rank
+    path = f"{args.out}/checkpoint" if args.resume and not adapters else args.student
     # fp32 master weights even on GPU: a bf16 weight cannot take a 1e-6 step (--bf16 autocasts the compute)
-    model, processor = rollout.load_model(path, device=fsdp.load_device(), dtype=torch.float32)
+    dtype = torch.bfloat16 if adapters and args.bf16 else torch.float32
+    model, processor = rollout.load_model(path, device=fsdp.load_device(), dtype=dtype)
     model.train()
-    if args.freeze_vision:
+    if adapters:
+        model = lora.add(model, args, f"{args.out}/checkpoint/{lora.ADAPTER}" if args.resume else None)
+    elif args.freeze_vision:
         model.model.visual.requires_grad_(False)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable()

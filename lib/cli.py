@@ -43,6 +43,10 @@ class RunArgs:
     #                                 under torchrun (lib/fsdp.py)
     force: bool = False             # start even when the memory estimate exceeds the GPU's free memory (lib/memory.py)
     seed: int = 0                   # seeds prompt order, sampling and init
+    lora_rank: int = 0              # train adapters of this rank on the language model's linear layers, every other
+    #                                 weight frozen, in one process (lib/lora.py; ours: a peer's convenience, not the
+    #                                 paper's full fine-tuning; raise --lr, e.g. 1e-4); 0: train every weight
+    lora_alpha: float = 32.0        # the adapters' scale is alpha / rank (ms-swift's default 32)
     report_to: typing.Literal["none", "tensorboard", "wandb"] = "none"  # a live view of the run: each step's record
     #                                 and each evaluation, with a few answers (lib/live.py; ours, as cleanrl's)
 
@@ -56,7 +60,7 @@ BOUNDS = dict(steps=(1, True), prompts_per_step=(1, True), rollouts_per_prompt=(
               eval_batch_size=(1, True), save_every=(1, True), group_size=(1, True), ppo_epochs=(1, True),
               clip_eps=(0, False),
               rounds=(1, True), k=(1, True), pool=(0, True), teacher_samples=(1, True), epochs=(0, True),
-              warmup_ratio=(0, True))
+              warmup_ratio=(0, True), lora_rank=(0, True), lora_alpha=(0, False))
 # What only distillation uses: grpo.py and the scripts built on it leave these out of their command lines
 DISTILLATION_ONLY = ("teacher", "loss", "rollouts", "rollouts_per_prompt", "kl_chunk")
 
@@ -140,6 +144,9 @@ def start_run(args, models=("student", "teacher"), frozen=None):
     continues it or --overwrite replaces it). frozen: the inference-only models the script loads, each a flag
     naming one, or (flag, bytes per weight) (default: the teacher, when the script has one)."""
     check_models(args, models)  # what the user named, before the miniature fills in the rest (built once)
+    if getattr(args, "lora_rank", 0) and fsdp.world() > 1:
+        raise data.DataError("--lora-rank trains adapters in one process (one GPU); under torchrun every weight "
+                             "trains: leave --lora-rank out")
     resolve_miniature(args)
     for flag in models:
         if not getattr(args, flag):

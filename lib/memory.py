@@ -91,6 +91,13 @@ def widths(text):
             text.num_key_value_heads * head, text.num_hidden_layers)
 
 
+def adapters(size, rank):
+    """Parameters of rank-`rank` adapters on every linear layer of the language model's blocks (lib/lora.py):
+    rank x (inputs + outputs) of q, k, v, o, gate, up and down."""
+    H, I, q, kv, layers = widths(size["text"])
+    return rank * layers * ((H + q) + 2 * (H + kv) + (q + H) + 2 * (H + I) + (I + H))
+
+
 def vision_pass(size, patches, nbytes):
     """One frozen vision tower's forward on `patches`: its largest layer transient."""
     v = size["vision_config"]
@@ -110,6 +117,9 @@ def estimate(args, frozen=(), group=1, world=1, cuda=None, first_step=False):
     L, patches, patch_values, video_tokens = prompt_size(args)
     act = 2 if args.bf16 else 4  # bytes of an activation: autocast computes in bf16
     trainable = student["params"] - (student["vision"] if args.freeze_vision else 0)
+    lora = getattr(args, "lora_rank", 0)
+    if lora:  # the adapters train; the rest stays in the dtype the run computes in (lib/lora.py)
+        trainable = adapters(student, lora)
     prompts = max(1, args.prompts_per_step // world)  # this rank's prompts of a step
     micro = min(args.micro_batch, prompts)
     shape = dict(L=L, T=args.max_new_tokens, micro=micro, group=group, patches=patches, act=act,
@@ -122,12 +132,13 @@ def estimate(args, frozen=(), group=1, world=1, cuda=None, first_step=False):
         stored = patches * patch_values * act * (1 if args.share_prompt else group)
     if getattr(args, "loss", None) == "fullkl":
         stored += group * args.max_new_tokens * student["text"].vocab_size * 4  # fp32 (rollout.completion_logits)
-    parts = {"student weights": 4 * student["params"] / world,  # fp32 master weights (opd.load_student)
+    weight_bytes = act if lora else 4  # fp32 master weights (opd.load_student), or frozen under adapters
+    parts = {"student weights": (weight_bytes * student["params"] + 4 * (trainable if lora else 0)) / world,
              "AdamW moments": 8 * trainable / world,
              "frozen models": sum(nbytes * size["params"] for size, nbytes in teachers) / world,
              "step's rollouts": prompts * stored}
     phases = {"student fwd+bwd": training(args, student, trainable, shape),
-              "generate": generation(student, shape),
+              "generate": generation(student, shape, weight_bytes),
               "teacher fwd": max([scoring(size, nbytes, shape) for size, nbytes in teachers], default=0)}
     # the gradients, and AdamW's temporaries: on a GPU its foreach step makes one of every weight's size at once
     # (the sqrt of the second moments), on CPU its loop makes two of one weight's size at a time
@@ -160,7 +171,8 @@ def training(args, size, trainable, s):
         total += v.depth * layer_activations(patches, v.hidden_size, v.intermediate_size, v.hidden_size,
                                              v.hidden_size, args.bf16)
     total += 4 * trainable / s["world"]  # the gradients
-    if getattr(size["config"], "tie_word_embeddings", False):  # the LM head's gradient and the embedding's, summed
+    tied = getattr(size["config"], "tie_word_embeddings", False) and not getattr(args, "lora_rank", 0)
+    if tied:  # the LM head's gradient and the embedding's, summed
         total += size["text"].vocab_size * H * 4 / s["world"]
     if args.bf16 and s["world"] == 1:  # autocast keeps a bf16 copy of each trainable weight for the backward
         total += 2 * trainable
@@ -169,11 +181,12 @@ def training(args, size, trainable, s):
     return total
 
 
-def generation(size, s):
-    """generate on one micro-batch: the KV cache of every rollout, one prefill layer, the vision tower."""
+def generation(size, s, weight_bytes=4):
+    """generate on one micro-batch: the KV cache of every rollout, one prefill layer, the vision tower.
+    weight_bytes: of the student's weights (2: bf16 frozen weights under adapters with --bf16)."""
     H, I, q, kv, layers = widths(size["text"])
     seqs = s["micro"] * s["group"]
-    keys = 4 if s["world"] == 1 else s["act"]  # fp32 under autocast over fp32 weights (kv_cache)
+    keys = 4 if s["world"] == 1 and weight_bytes == 4 else s["act"]  # fp32 under autocast over fp32 weights
     cache = kv_cache(size, seqs, s["L"] + s["T"], keys, s["act"])  # rollout.prefilled repeats it per rollout
     prefill = inference_layer(s["micro"] * s["L"] if s["packed"] else seqs * s["L"], H, I, s["act"])
     copies = 1 if s["share"] else s["group"]

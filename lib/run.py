@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 import data
 import eval as ev
-from lib import fsdp, live, share
+from lib import fsdp, live, lora, share
 
 
 class Run:
@@ -255,7 +255,7 @@ def save(args, student, processor, opt, sched, step, wall):
     run killed mid-save keeps its previous checkpoint intact. Every rank calls it (gathering the shards is
     collective); rank 0 writes."""
     path = f"{args.out}/checkpoint-{step}"
-    fsdp.save_model(student, processor, path)
+    save_model(args, student, processor, path)
     state = fsdp.optimizer_state(student, opt)
     if fsdp.rank() == 0:
         torch.save({"optimizer": state, "scheduler": sched.state_dict(), "torch_rng": torch.get_rng_state(),
@@ -274,6 +274,15 @@ def save(args, student, processor, opt, sched, step, wall):
         if previous and os.path.isdir(previous) and previous != os.path.realpath(path):
             shutil.rmtree(previous)
     fsdp.barrier()  # nobody reads the checkpoint before rank 0 has written it
+
+
+def save_model(args, student, processor, path):
+    """The student as a folder transformers loads: its gathered weights (fsdp.save_model), or with --lora-rank the
+    merged model and, in path/adapter, the adapters alone (lora.save)."""
+    if getattr(args, "lora_rank", 0):
+        lora.save(student, processor, path)
+    else:
+        fsdp.save_model(student, processor, path)
 
 
 def _interrupt(stop, signum, frame):
@@ -306,7 +315,7 @@ def teacher_metrics(args, teacher, processor):
 def finish(args, student, processor, evals, teacher=None):
     """After training: OUT/final (save_pretrained), and the table student before / after (/ teacher) printed and
     written to OUT/summary.json."""
-    fsdp.save_model(student, processor, f"{args.out}/final")
+    save_model(args, student, processor, f"{args.out}/final")
     if not evals:
         return
     rows = {"student before": evals[0]["eval"], "student after": evals[-1]["eval"]}
