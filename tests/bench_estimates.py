@@ -18,13 +18,17 @@ import bench_real_dims as bench  # noqa: E402
 REAL_32B = dict(text=bench.REAL_8B["text"] | dict(hidden_size=5120, intermediate_size=25600, num_hidden_layers=64,
                                                   num_attention_heads=64),
                 vision=bench.REAL_8B["vision"] | dict(out_hidden_size=5120), tie_word_embeddings=False)
-# (student, teacher or None, GPUs, rollouts per prompt, prompts per step, micro-batch, --loss): the README's commands
+# (student, teacher or None, GPUs, rollouts per prompt, prompts per step, micro-batch, --loss, --lora-rank): the
+# README's commands
 COMMANDS = {
-    "OPD 2B + 8B teacher, one GPU, --micro-batch 1": ("2B", "8B", 1, 1, 32, 1, "sampled"),
-    "GRPO 2B, one GPU, 8 rollouts, --micro-batch 2": ("2B", None, 1, 8, 4, 2, None),
-    "OPD 8B + 32B teacher, 8 GPUs, --micro-batch 4": ("8B", "32B", 8, 1, 32, 4, "sampled"),
-    "OPD 8B + 32B teacher, 8 GPUs, --micro-batch 1 (the official recipe)": ("8B", "32B", 8, 1, 32, 1, "sampled"),
-    "GRPO 8B, 8 GPUs, --micro-batch 1": ("8B", None, 8, 8, 8, 1, None),
+    "OPD 2B + 8B teacher, one GPU, --micro-batch 1": ("2B", "8B", 1, 1, 32, 1, "sampled", 0),
+    "GRPO 2B, one GPU, 8 rollouts, --micro-batch 2": ("2B", None, 1, 8, 4, 2, None, 0),
+    "OPD 8B + 32B teacher, 8 GPUs, --micro-batch 4": ("8B", "32B", 8, 1, 32, 4, "sampled", 0),
+    "OPD 8B + 32B teacher, 8 GPUs, --micro-batch 1 (the official recipe)": ("8B", "32B", 8, 1, 32, 1, "sampled", 0),
+    "GRPO 8B, 8 GPUs, --micro-batch 1": ("8B", None, 8, 8, 8, 1, None, 0),
+    "OPD 8B + 32B teacher, one GPU, --micro-batch 1, every weight": ("8B", "32B", 1, 1, 32, 1, "sampled", 0),
+    "OPD 8B + 8B teacher, one GPU, --micro-batch 1, --lora-rank 8": ("8B", "8B", 1, 1, 32, 1, "sampled", 8),
+    "OPD 8B + 32B teacher, one GPU, --micro-batch 1, --lora-rank 8": ("8B", "32B", 1, 1, 32, 1, "sampled", 8),
 }
 
 
@@ -48,11 +52,11 @@ def main():
     folders = {name: config_folder(root, name, real, processor)
                for name, real in (("2B", bench.REAL_2B), ("8B", bench.REAL_8B), ("32B", REAL_32B))}
     train = bench.make_data(root)
-    for label, (student, teacher, gpus, group, prompts, micro, loss) in COMMANDS.items():
+    for label, (student, teacher, gpus, group, prompts, micro, loss, rank) in COMMANDS.items():
         args = SimpleNamespace(student=folders[student], data=train, video_root=None, skip_bad=False, fps=2.0,
                                max_frames=768, bf16=True, freeze_vision=True, prompts_per_step=prompts,
                                micro_batch=micro, share_prompt=True, max_new_tokens=64, loss=loss,
-                               gradient_checkpointing=True)
+                               gradient_checkpointing=True, lora_rank=rank)
         parts = memory.estimate(args, [folders[teacher]] if teacher else [], group, world=gpus, cuda=True)
         print(f"{label}: {memory.line(parts)}")
     for name, batch in (("8B", 8), ("8B", 1)):  # eval.py: the bf16 model and one generate call of --batch-size

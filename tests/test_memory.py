@@ -65,19 +65,21 @@ def reduced(tmp_path_factory):
     return paths
 
 
-@pytest.mark.parametrize("script", ["opd.py", "grpo.py"])
-def test_estimate_is_within_15_percent_of_a_measured_step(reduced, script):
+@pytest.mark.parametrize("script, lora", [("opd.py", 0), ("grpo.py", 0), ("opd.py", 8)])
+def test_estimate_is_within_15_percent_of_a_measured_step(reduced, script, lora):
     """One step (no gradient checkpointing, so activations are a large part; GRPO: 4 rollouts in grouped_logits'
-    packed rows) on a real-length video: the process's peak resident memory over what it held before loading a
-    model vs the estimate the run itself printed."""
+    packed rows; --lora-rank: adapters only) on a real-length video: the process's peak resident memory over what it
+    held before loading a model vs the estimate the run itself printed."""
     cls, frozen, group = (opd.Args, [reduced["teacher"]], 1) if script == "opd.py" else (grpo.GRPOArgs, [], 4)
     own = dict(teacher=reduced["teacher"], loss="sampled") if script == "opd.py" else dict(group_size=group)
-    args = cls(student=reduced["student"], data=reduced["data"], out=str(reduced["folder"] / script[:-3]), steps=1,
+    own |= dict(lora_rank=lora) if lora else {}
+    args = cls(student=reduced["student"], data=reduced["data"], out=str(reduced["folder"] / f"{script[:-3]}{lora}"),
+               steps=1,
                prompts_per_step=1, micro_batch=1, max_new_tokens=16, num_workers=0, **own)
     names = ["student", "data", "out", "steps", "prompts_per_step", "micro_batch", "max_new_tokens", "num_workers"]
     names += list(own)
     flags = [f"--{k.replace('_', '-')}={getattr(args, k)}" for k in names]
-    measured_json = reduced["folder"] / f"{script}.measured.json"
+    measured_json = reduced["folder"] / f"{script}{lora}.measured.json"
     subprocess.run([sys.executable, str(BENCH), "--child", script, str(measured_json), *flags], check=True,
                    cwd=REPO, stdout=subprocess.DEVNULL, env=os.environ | bench.LIVE_MEMORY)
     rss = json.loads(measured_json.read_text())
