@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import data
 import rollout
-from lib import fsdp, memory, miniature, run
+from lib import fsdp, lora, memory, miniature, run
 
 
 @dataclass
@@ -166,6 +166,10 @@ def start_run(args, models=("student", "teacher"), frozen=None):
         if not os.path.exists(f"{args.out}/checkpoint/step.json"):
             raise data.DataError(f"--resume: no checkpoint in {args.out}/checkpoint")
         done = run.checkpoint_step(args.out)
+        adapters = os.path.isdir(f"{args.out}/checkpoint/{lora.ADAPTER}")
+        if adapters != bool(getattr(args, "lora_rank", 0)):
+            raise data.DataError(f"--resume: {args.out} was trained {'with' if adapters else 'without'} "
+                                 "--lora-rank: resume it the same way")
         if done >= args.steps:  # nothing to train: the finished run stays as it is
             raise data.DataError(f"--resume: {args.out} has trained {done} of --steps {args.steps}; raise --steps "
                                  "to continue it")

@@ -90,10 +90,21 @@ def test_lora_learns_on_the_miniature(shipped, tmp_path):
     assert after > before + 3, (before, after)
 
 
-def test_lora_is_refused_under_torchrun(tiny, tmp_path, monkeypatch):
-    monkeypatch.setattr(fsdp, "world", lambda: 2)
-    with pytest.raises(data.DataError, match="--lora-rank trains adapters in one process"):
-        cli.start_run(_args(tiny, tmp_path, lora_rank=8))
+def test_lora_is_refused_under_torchrun_and_on_resuming_the_other_kind(tiny, tmp_path, monkeypatch):
+    """One line each: adapters under torchrun, and --resume of a run trained the other way (the optimizer state of
+    adapters cannot continue a full fine-tune, nor the reverse)."""
+    with monkeypatch.context() as m:
+        m.setattr(fsdp, "world", lambda: 2)
+        with pytest.raises(data.DataError, match="--lora-rank trains adapters in one process"):
+            cli.start_run(_args(tiny, tmp_path, lora_rank=8))
+    checkpoint = tmp_path / "run" / "checkpoint"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "step.json").write_text('{"step": 1}')
+    with pytest.raises(data.DataError, match="trained without --lora-rank: resume it the same way"):
+        cli.start_run(_args(tiny, tmp_path, lora_rank=8, resume=True, steps=2))
+    (checkpoint / lora.ADAPTER).mkdir()
+    with pytest.raises(data.DataError, match="trained with --lora-rank: resume it the same way"):
+        cli.start_run(_args(tiny, tmp_path, resume=True, steps=2))
 
 
 def test_the_estimate_counts_adapters_not_full_weights(tiny, tmp_path):
