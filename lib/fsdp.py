@@ -116,13 +116,26 @@ def save_model(model, processor, path):
         processor.save_pretrained(path)
 
 
-def optimizer_state(model, opt):
-    """The optimizer's state keyed by parameter name and gathered whole: resumable under any number of ranks."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-    return get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+def save_optimizer(model, opt, path):
+    """The optimizer's state, keyed by parameter name, into the folder `path` with torch.distributed.checkpoint:
+    every rank writes its own shard, nothing is gathered (AdamW's moments of an 8B student are 61 GiB)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+    state = {"optimizer": get_optimizer_state_dict(model, opt)}
+    dcp.save(state, checkpoint_id=path, no_dist=not dist.is_initialized())
+
+
+def load_optimizer(model, opt, path):
+    """A save_optimizer folder into `opt`: each rank reads only its own part, whatever number of ranks wrote it."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+    state = {"optimizer": get_optimizer_state_dict(model, opt)}  # the shapes and shards to fill (AdamW's moments made)
+    dcp.load(state, checkpoint_id=path, no_dist=not dist.is_initialized())
+    set_optimizer_state_dict(model, opt, state["optimizer"])
 
 
 def load_optimizer_state(model, opt, state):
+    """A whole optimizer state of a checkpoint from before save_optimizer (state.pt's "optimizer")."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
     set_optimizer_state_dict(model, opt, state, options=StateDictOptions(full_state_dict=dist.is_initialized()))
 

@@ -231,7 +231,10 @@ def open_run(args, student, opt, sched):
     start, wall, kept = 0, 0.0, []
     if args.resume:
         state = torch.load(f"{args.out}/checkpoint/state.pt", weights_only=False)
-        fsdp.load_optimizer_state(student, opt, state["optimizer"])
+        if "optimizer" in state:  # a checkpoint from before sharded optimizer states
+            fsdp.load_optimizer_state(student, opt, state["optimizer"])
+        else:
+            fsdp.load_optimizer(student, opt, f"{args.out}/checkpoint/optimizer")
         sched.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["torch_rng"])
         start, wall = state["step"], state["wall"]
@@ -252,14 +255,14 @@ def write(log, record):
 def save(args, student, processor, opt, sched, step, wall):
     """A checkpoint plain transformers can load (student + processor) plus what --resume needs. It is written whole
     to OUT/checkpoint-STEP/, then the link OUT/checkpoint moves to it in one step and the previous one is removed: a
-    run killed mid-save keeps its previous checkpoint intact. Every rank calls it (gathering the shards is
-    collective); rank 0 writes."""
+    run killed mid-save keeps its previous checkpoint intact. Every rank calls it: the weights are gathered for rank
+    0 to write (a collective), the optimizer state is written shard by shard by each rank (fsdp.save_optimizer)."""
     path = f"{args.out}/checkpoint-{step}"
     save_model(args, student, processor, path)
-    state = fsdp.optimizer_state(student, opt)
+    fsdp.save_optimizer(student, opt, f"{path}/optimizer")  # every rank its own shard
     if fsdp.rank() == 0:
-        torch.save({"optimizer": state, "scheduler": sched.state_dict(), "torch_rng": torch.get_rng_state(),
-                    "step": step, "wall": wall, "args": dataclasses.asdict(args)}, f"{path}/state.pt")
+        torch.save({"scheduler": sched.state_dict(), "torch_rng": torch.get_rng_state(), "step": step, "wall": wall,
+                    "args": dataclasses.asdict(args)}, f"{path}/state.pt")
         with open(f"{path}/step.json", "w") as f:  # what --resume checks before loading anything
             json.dump({"step": step}, f)
         link = f"{args.out}/checkpoint"

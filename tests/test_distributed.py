@@ -51,6 +51,10 @@ def test_opd_two_processes_match_one(tiny, tmp_path):
     _torchrun("opd.py", tiny, tmp_path / "two", "--steps", "2", "--loss", "fullkl", "--report-to", "tensorboard")
     _assert_same_run(tmp_path / "one", tmp_path / "two", tiny)
     assert len(os.listdir(tmp_path / "two" / "tensorboard")) == 1
+    # each rank wrote its own shard of the optimizer state; nothing gathered into state.pt
+    shards = sorted(os.listdir(tmp_path / "two" / "checkpoint" / "optimizer"))
+    assert shards == [".metadata", "__0_0.distcp", "__1_0.distcp"], shards
+    assert "optimizer" not in torch.load(tmp_path / "two" / "checkpoint" / "state.pt", weights_only=False)
     # rank 0 wrote a checkpoint plain transformers loads
     model = AutoModelForImageTextToText.from_pretrained(tmp_path / "two" / "checkpoint")
     assert type(model).__name__ == "Qwen3VLForConditionalGeneration"

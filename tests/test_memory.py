@@ -90,12 +90,14 @@ def test_estimate_is_within_15_percent_of_a_measured_step(reduced, script, lora)
 
 
 def test_a_gpu_with_less_free_memory_is_refused_unless_forced(tiny, monkeypatch, capsys):
-    """With a CUDA device whose free memory is below the estimate: one line naming both, and --force runs on."""
+    """With a CUDA device whose free memory is below the estimate: one line naming both, and --force runs on. Free
+    memory above the counted peak but below it plus the allowance (the CUDA context, fragmentation) is refused too."""
     import data
     args = opd.Args(student=tiny["student"], teacher=tiny["teacher"], data=tiny["train"], max_new_tokens=24)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda: (2 ** 20, 80 * 2 ** 30))  # 1 MiB free
-    with pytest.raises(data.DataError, match=r"needs about .* GiB per GPU, this GPU has 0.0 GiB free.*--force"):
+    refused = r"needs about .* GiB per GPU \(counted .*\), this GPU has 0.0 GiB free.*--force"
+    with pytest.raises(data.DataError, match=refused):
         memory.check(args, [args.teacher])
     args.force = True
     parts = memory.check(args, [args.teacher])
@@ -103,6 +105,11 @@ def test_a_gpu_with_less_free_memory_is_refused_unless_forced(tiny, monkeypatch,
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda: (80 * 2 ** 30, 80 * 2 ** 30))
     args.force = False
     assert memory.check(args, [args.teacher])["peak"] < 80 * 2 ** 30  # the miniature fits
+    extra = memory.allowance(parts)
+    assert extra >= memory.CONTEXT
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda: (int(parts["peak"] + extra / 2), 80 * 2 ** 30))
+    with pytest.raises(data.DataError, match="for the CUDA context, NCCL and fragmentation"):
+        memory.check(args, [args.teacher])
 
 
 def test_the_longest_prompt_is_found_by_tokens_not_by_duration(tmp_path):

@@ -2,6 +2,7 @@
 import dataclasses
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -174,6 +175,23 @@ def test_smoke_two_steps_and_resume(tiny, tmp_path, loss):
     a, b = _weights(tmp_path / "full" / "final"), _weights(tmp_path / "split" / "final")
     start = _weights(tiny["student"])
     assert any(not torch.equal(a[k], start[k]) for k in a)  # training changed something
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-6), k
+
+
+def test_a_checkpoint_with_a_whole_optimizer_state_resumes(tiny, tmp_path):
+    """Checkpoints from before the sharded optimizer state (its whole state in state.pt) still resume, to the same
+    weights as a run that never stopped."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+    _run("opd.py", tiny, tmp_path / "full", "--steps", "2")
+    _run("opd.py", tiny, tmp_path / "split", "--steps", "1")
+    checkpoint = tmp_path / "split" / "checkpoint"
+    dcp_to_torch_save(checkpoint / "optimizer", tmp_path / "whole.pt")  # {"optimizer": the whole state, by name}
+    state = torch.load(checkpoint / "state.pt", weights_only=False)
+    torch.save(state | torch.load(tmp_path / "whole.pt", weights_only=False), checkpoint / "state.pt")
+    shutil.rmtree(checkpoint / "optimizer")
+    _run("opd.py", tiny, tmp_path / "split", "--steps", "2", "--resume")
+    a, b = _weights(tmp_path / "full" / "final"), _weights(tmp_path / "split" / "final")
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-6), k
 
