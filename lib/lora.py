@@ -60,7 +60,7 @@ def peft_key(key):
 
 def merged_state_dict(model):
     """The model's weights with each adapter folded in (W + scale * B @ A, in fp32, cast to W's dtype), under the
-    plain model's names; the model itself is left as it is (merging in place and back would round the frozen weights)."""
+    plain model's names. The model is left as it is: merging in place and back would round the frozen weights."""
     from peft.tuners.lora import LoraLayer
     state = {k: v for k, v in model.state_dict().items() if "lora_" not in k}
     for name, module in model.named_modules():

@@ -57,7 +57,8 @@ def test_a_lora_run_saves_a_merged_model_and_adapters_and_resumes(tiny, tmp_path
     _run("opd.py", tiny, tmp_path / "full", "--steps", "2", *flags)
     _run("opd.py", tiny, tmp_path / "split", "--steps", "1", *flags)
     _run("opd.py", tiny, tmp_path / "split", "--steps", "2", "--resume", *flags)
-    a, b, base = _weights(tmp_path / "full" / "final"), _weights(tmp_path / "split" / "final"), _weights(tiny["student"])
+    a, b = _weights(tmp_path / "full" / "final"), _weights(tmp_path / "split" / "final")
+    base = _weights(tiny["student"])
     assert a.keys() == base.keys()
     changed = {k for k in a if not torch.equal(a[k], base[k])}
     assert changed and all(re.fullmatch(lora.TARGETS, k.removesuffix(".weight")) for k in changed)
@@ -80,8 +81,9 @@ def test_lora_learns_on_the_miniature(shipped, tmp_path):
     """The shipped miniature's student, adapters of rank 8 only: the OPD run lowers the reverse KL to the teacher on
     its own rollouts and raises its greedy test mIoU."""
     out = tmp_path / "run"
-    res = subprocess.run([sys.executable, "opd.py", "--out", str(out), "--lora-rank", "8", "--lr", LORA_LR, "--steps",
-                          "100", "--eval-every", "0", "--eval-limit", "64"], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    cmd = [sys.executable, "opd.py", "--out", str(out), "--lora-rank", "8", "--lr", LORA_LR, "--steps", "100",
+           "--eval-every", "0", "--eval-limit", "64"]
+    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stderr[-2000:]
     log = [json.loads(line) for line in open(out / "log.jsonl")]
     kl = [r["kl"] for r in log if "kl" in r]
