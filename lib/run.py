@@ -37,12 +37,12 @@ class Run:
         self.samples = samples if samples is not None else data.load_samples(args.data, args.video_root,
                                                                              args.skip_bad)
         self.test, self.group, self.frames, self.stop = load_test(args), group, frames, []
-        self.start, self.wall, self.log, self.evals = open_run(args, student, opt, sched)
-        self.evals = [r for r in self.evals if "eval" in r]
+        self.start, self.wall, self.log, kept = open_run(args, student, opt, sched)
+        self.evals = [r for r in kept if "eval" in r]
 
     def __enter__(self):
-        """The live view opened and the evaluation before training (unless resumed). Ctrl-C or SIGTERM asks the loop to
-        stop after this step, a second Ctrl-C stops at once."""
+        """The live view opened, and the evaluation before training (unless resumed). Ctrl-C or SIGTERM asks the loop
+        to stop after this step, a second Ctrl-C stops at once."""
         handler = functools.partial(_interrupt, self.stop)
         self.previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
         self.view = live.View(self.args, self.start)
@@ -97,8 +97,8 @@ class Run:
         student.eval()
         with fsdp.autocast(args, student):
             metrics, rows = ev.evaluate(student, self.processor, self.test, batch_size=args.eval_batch_size,
-                                     fps=args.fps, max_frames=args.max_frames, desc=f"eval @{step}",
-                                     num_workers=args.num_workers)
+                                        fps=args.fps, max_frames=args.max_frames, desc=f"eval @{step}",
+                                        num_workers=args.num_workers)
         student.train()
         record = {"step": step, "wall": round(self.wall, 2), "eval": metrics}
         write(self.log, record)
