@@ -24,6 +24,7 @@ ADAPTER = "adapter"  # the subfolder of a checkpoint (and of final/) holding the
 
 
 def config(args):
+    """peft's LoraConfig of the run's flags (saved beside the adapters as adapter_config.json)."""
     from peft import LoraConfig
     return LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=0.0, target_modules=TARGETS,
                       base_model_name_or_path=args.student)
@@ -45,9 +46,11 @@ def add(model, args, adapter=None):
         if saved["r"] != args.lora_rank:
             raise data.DataError(f"--resume: the checkpoint's adapters have rank {saved['r']}, not --lora-rank "
                                  f"{args.lora_rank}")
-        missing = model.load_state_dict({peft_key(k): v for k, v in state.items()}, strict=False)
-        if missing.unexpected_keys:
-            raise data.DataError(f"--resume: {adapter} holds adapters this model lacks: {missing.unexpected_keys[:3]}")
+        result = model.load_state_dict({peft_key(k): v for k, v in state.items()}, strict=False)
+        lacking = [k for k in result.missing_keys if "lora_" in k]
+        if result.unexpected_keys or lacking:
+            raise data.DataError(f"--resume: the adapters in {adapter} do not match this model's "
+                                 f"(e.g. {(result.unexpected_keys + lacking)[:2]})")
     return model
 
 

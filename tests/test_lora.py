@@ -120,3 +120,18 @@ def test_the_estimate_counts_adapters_not_full_weights(tiny, tmp_path):
         assert b["AdamW moments"] == 8 * adapters < a["AdamW moments"]
         assert b["student weights"] == (2 if bf16 else 4) * sizes["params"] + 4 * adapters
         assert b["student fwd+bwd"] < a["student fwd+bwd"]
+
+
+def test_adapters_that_do_not_fit_are_refused_on_resume(tiny, tmp_path):
+    """Saved adapters of another rank, or missing some layers, are one line, not zeros left in place."""
+    from safetensors.torch import save_file
+    args = _args(tiny, tmp_path, lora_rank=4)
+    student, processor = rollout.load_model(tiny["student"])
+    lora.save(lora.add(student, args), processor, str(tmp_path / "saved"))
+    adapter = tmp_path / "saved" / lora.ADAPTER
+    with pytest.raises(data.DataError, match="adapters have rank 4, not --lora-rank 8"):
+        lora.add(rollout.load_model(tiny["student"])[0], _args(tiny, tmp_path, lora_rank=8), str(adapter))
+    state = load_file(adapter / "adapter_model.safetensors")
+    save_file(dict(list(state.items())[2:]), adapter / "adapter_model.safetensors")  # one layer's A and B gone
+    with pytest.raises(data.DataError, match="do not match this model's"):
+        lora.add(rollout.load_model(tiny["student"])[0], args, str(adapter))
