@@ -82,7 +82,7 @@ def measure(root, work, seconds, train, prompts=8, workers=2):
     tic = time.time()
     if os.path.exists(os.path.join(root, "lib", "run.py")):
         from lib import run
-        first = list(run.prefetch(args, processor, samples, 1, 0)[0])
+        first = [None for _ in run.prefetch(args, processor, samples, 1, 0)[0]]  # one at a time, as the loop uses them
     else:  # before the plumbing moved to lib/: opd.prefetch, whole steps
         import opd
         first = next(opd.prefetch(args, processor, samples, 1, 0))
