@@ -18,7 +18,7 @@ from lib import cli, fsdp, lora, memory, run
 from test_opd import ROOT, _run, _weights
 
 pytest.importorskip("peft")
-# the miniature's adapters at rank 8: 3e-3 learns (68.9 -> 77.7 test mIoU in 100 steps), 1e-2 diverges (docs/results.md)
+# the miniature's adapters at rank 8 learn at this lr; a higher one diverges (docs/results.md, "Adapters")
 LORA_LR = "3e-3"
 
 
