@@ -144,7 +144,7 @@ def start_run(args, models=("student", "teacher"), frozen=None):
     continues it or --overwrite replaces it). frozen: the inference-only models the script loads, each a flag
     naming one, or (flag, bytes per weight) (default: the teacher, when the script has one)."""
     check_models(args, models)  # what the user named, before the miniature fills in the rest (built once)
-    if getattr(args, "lora_rank", 0) and fsdp.world() > 1:
+    if args.lora_rank and fsdp.world() > 1:
         raise data.DataError("--lora-rank trains adapters in one process (one GPU); under torchrun every weight "
                              "trains: leave --lora-rank out")
     resolve_miniature(args)
@@ -167,7 +167,7 @@ def start_run(args, models=("student", "teacher"), frozen=None):
             raise data.DataError(f"--resume: no checkpoint in {args.out}/checkpoint")
         done = run.checkpoint_step(args.out)
         adapters = os.path.isdir(f"{args.out}/checkpoint/{lora.ADAPTER}")
-        if adapters != bool(getattr(args, "lora_rank", 0)):
+        if adapters != bool(args.lora_rank):
             raise data.DataError(f"--resume: {args.out} was trained {'with' if adapters else 'without'} "
                                  "--lora-rank: resume it the same way")
         if done >= args.steps:  # nothing to train: the finished run stays as it is

@@ -41,7 +41,7 @@ class View:
     TensorBoard drops what a killed run logged after its checkpoint, as log.jsonl does)."""
 
     def __init__(self, args, start=0):
-        self.kind = getattr(args, "report_to", "none") if fsdp.rank() == 0 else "none"
+        self.kind = args.report_to if fsdp.rank() == 0 else "none"
         self.writer = None
         if self.kind == "tensorboard":
             from torch.utils.tensorboard import SummaryWriter

@@ -21,6 +21,7 @@ import data
 # tower and its merger stay frozen, as the official code freezes them (freeze_vit, freeze_aligner)
 TARGETS = r".*\.language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
 ADAPTER = "adapter"  # the subfolder of a checkpoint (and of final/) holding the adapters, in peft's format
+PREFIX = "base_model.model."  # what PeftModel's saved adapter keys carry before the model's own names
 
 
 def config(args):
@@ -33,7 +34,7 @@ def config(args):
 def add(model, args, adapter=None):
     """Adapters of rank --lora-rank on `model`'s language model, in place; every other weight frozen -> model.
     adapter: a folder lora.save wrote (--resume), whose weights the adapters take."""
-    from peft import inject_adapter_in_model
+    from peft import inject_adapter_in_model, set_peft_model_state_dict
     model = inject_adapter_in_model(config(args), model)
     for name, param in model.named_parameters():
         param.requires_grad_("lora_" in name)
@@ -46,19 +47,13 @@ def add(model, args, adapter=None):
         if saved["r"] != args.lora_rank:
             raise data.DataError(f"--resume: the checkpoint's adapters have rank {saved['r']}, not --lora-rank "
                                  f"{args.lora_rank}")
-        result = model.load_state_dict({peft_key(k): v for k, v in state.items()}, strict=False)
+        # saved in PeftModel's format (save): its "base_model.model." prefix off, peft maps the rest onto the layers
+        result = set_peft_model_state_dict(model, {k.removeprefix(PREFIX): v for k, v in state.items()})
         lacking = [k for k in result.missing_keys if "lora_" in k]
         if result.unexpected_keys or lacking:
             raise data.DataError(f"--resume: the adapters in {adapter} do not match this model's "
                                  f"(e.g. {(result.unexpected_keys + lacking)[:2]})")
     return model
-
-
-def peft_key(key):
-    """peft's saved adapter key -> the injected module's parameter name ("...q_proj.lora_A.weight" ->
-    "...q_proj.lora_A.default.weight"; the "base_model.model." prefix of PeftModel's format dropped)."""
-    key = key.removeprefix("base_model.model.")
-    return key.replace(".lora_A.weight", ".lora_A.default.weight").replace(".lora_B.weight", ".lora_B.default.weight")
 
 
 def merged_state_dict(model):
@@ -83,7 +78,6 @@ def save(model, processor, path):
     model.save_pretrained(path, state_dict=merged_state_dict(model))
     processor.save_pretrained(path)
     os.makedirs(f"{path}/{ADAPTER}", exist_ok=True)
-    adapters = {f"base_model.model.{k}": v.contiguous() for k, v in get_peft_model_state_dict(model).items()}
+    adapters = {PREFIX + k: v.contiguous() for k, v in get_peft_model_state_dict(model).items()}
     save_file(adapters, f"{path}/{ADAPTER}/adapter_model.safetensors")
     model.peft_config["default"].save_pretrained(f"{path}/{ADAPTER}")
-

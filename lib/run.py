@@ -282,7 +282,7 @@ def save(args, student, processor, opt, sched, step, wall):
 def save_model(args, student, processor, path):
     """The student as a folder transformers loads: its gathered weights (fsdp.save_model), or with --lora-rank the
     merged model and, in path/adapter, the adapters alone (lora.save)."""
-    if getattr(args, "lora_rank", 0):
+    if args.lora_rank:
         lora.save(student, processor, path)
     else:
         fsdp.save_model(student, processor, path)
