@@ -8,6 +8,7 @@ with the gloo backend (tests/test_distributed.py).
 """
 import atexit
 import contextlib
+import gc
 import os
 import sys
 
@@ -39,11 +40,15 @@ def _noting_failure(hook):
 def _leave():
     """At exit, every rank waits for the others, then the process group is closed. A rank that returned first
     would otherwise tear down its connections while another still reads the last collective ("Connection reset
-    by peer"), or abort in the teardown of a group still open."""
+    by peer"), or abort in the teardown of a group still open. Then the collector frees the sharded models, which
+    reference cycles keep alive until now: freed later, in the interpreter's own teardown, their tensors still held
+    by gloo's work can abort the process ("terminate called without an active exception": once in CI; the cause
+    pytorch/pytorch#179291 describes)."""
     if dist.is_initialized():
         if not _failed:
             dist.barrier()
         dist.destroy_process_group()
+        gc.collect()
 
 
 def rank():
