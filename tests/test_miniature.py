@@ -1,4 +1,5 @@
 """lib/miniature.py: the reduced build in the default suite; the full build's targets under `pytest -m slow`."""
+import dataclasses
 import json
 import os
 
@@ -12,8 +13,8 @@ from lib import miniature
 
 def test_reduced_build_gives_loadable_models_and_parseable_answers(tiny):
     report = json.load(open(tiny["metrics"]))
-    assert {"teacher", "student", "build_seconds"} <= set(report)
-    assert report["teacher"]["params"] > report["student"]["params"]  # a larger teacher, a smaller student
+    assert {"teacher", "teacher_sft", "teacher_weak", "student", "bands", "build_seconds"} <= set(report)
+    assert report["teacher"]["params"] >= 2 * report["student"]["params"]  # a larger teacher, a smaller student
     model, processor = rollout.load_model(tiny["teacher"])
     assert model.config.model_type == "qwen3_vl" and processor.__class__.__name__ == "Qwen3VLProcessor"
     samples = data.load_annotations(tiny["test"])
@@ -49,11 +50,11 @@ def test_shipped_miniature_is_its_manifest(shipped):
     pins = dict(re.findall(r"^([\w-]+)==(\S+)$", (REPO / "requirements.txt").read_text(), re.M))
     pins = {name.lower().replace("_", "-"): v for name, v in pins.items()}
     assert {n: v for n, v in manifest["built_with"].items() if n != "python"} == {n: pins[n] for n in miniature.BUILT_WITH}
-    for name in ("student", "teacher", "teacher_weak", "train", "train_noisy", "val", "test", "metrics"):
+    for name in miniature.miniature_paths(miniature.MINIATURE):
         assert os.path.exists(shipped[name]), name
 
 
-@pytest.mark.parametrize("name", ["student", "teacher", "teacher_weak"])
+@pytest.mark.parametrize("name", ["student", "teacher", "teacher_sft", "teacher_weak"])
 def test_shipped_models_give_their_metrics(shipped, name):
     """Each shipped model, loaded the way real checkpoints are, gives metrics.json's greedy test numbers. Within
     1 point of mIoU (one of 128 answers flipping), not exactly: another CPU sums floats in another order."""
@@ -94,6 +95,47 @@ def test_splits_are_separate_clips_and_the_noisy_pool_is_written_down(tiny):
             assert given.span == clean.span
 
 
+def test_teacher_is_the_sft_teacher_after_grpo(tiny):
+    """build runs grpo.py on the SFT teacher (the paper's teacher was post-trained with GRPO): its log holds the
+    reduced build's steps, and the teacher's weights moved from the SFT teacher's."""
+    import torch
+    from safetensors.torch import load_file
+    steps = [r for r in map(json.loads, open(tiny["teacher_grpo_log"])) if "loss" in r]
+    assert [r["step"] for r in steps] == list(range(1, miniature.ToyConfig.reduced().grpo_steps + 1))
+    sft, grpo = (load_file(f"{tiny[name]}/model.safetensors") for name in ("teacher_sft", "teacher"))
+    assert sft.keys() == grpo.keys() and any(not torch.equal(sft[k], grpo[k]) for k in sft)
+
+
+def test_bands_are_measured_and_judged():
+    """metrics.json's bands: each the measured value and whether it is in the band (here on made-up metrics)."""
+    model = {"mIoU": 50.0, "distinct": 12, "sampled_reward_spread_%": 80.0, "params": 100,
+             "query": {"differ_%": 90.0, "mIoU_queried": 80.0, "mIoU_other": 30.0}}
+    report = {"student": model, "teacher": model | {"mIoU": 97.0, "params": 250}}
+    rows = {r["what"]: (r["value"], r["ok"]) for r in miniature.bands(report)}
+    assert rows["student test mIoU in 35-60"] == (50.0, True)
+    assert rows["teacher below the ceiling: test mIoU < 97"] == (97.0, False)
+    assert rows["teacher has >= 2x the student's weights"] == (2.5, True)
+    assert rows["teacher mIoU on the queried event - on the other event >= 25"] == (50.0, True)
+
+
+def test_query_dependence_compares_the_pair(tmp_path, monkeypatch):
+    """probe.jsonl holds each two-event clip twice, once per event; query_dependence tells a model that reads the
+    query (its answers are the queried spans) from one that does not (the first event's span for both queries)."""
+    miniature.make_probe(str(tmp_path), dataclasses.replace(miniature.ToyConfig.reduced(), probe_clips=2))
+    probe = data.load_annotations(str(tmp_path / "probe.jsonl"))
+    assert [s.id.split("#")[1] for s in probe] == ["0", "1", "0", "1"]
+    assert probe[0].video == probe[1].video and probe[0].query != probe[1].query
+    truth = [data.ANSWER.format(start=s.span[0], end=s.span[1]) for s in probe]
+    monkeypatch.setattr(miniature, "greedy_answers", lambda *a: truth)
+    reads = miniature.query_dependence(None, None, probe, None)
+    distinct_pairs = sum(probe[i].span != probe[i + 1].span for i in (0, 2))
+    assert reads["differ_%"] == 50.0 * distinct_pairs and reads["mIoU_queried"] == 100.0
+    assert reads["mIoU_other"] < 100.0 or distinct_pairs == 0
+    monkeypatch.setattr(miniature, "greedy_answers", lambda *a: [truth[i - i % 2] for i in range(len(truth))])
+    ignores = miniature.query_dependence(None, None, probe, None)
+    assert ignores["differ_%"] == 0.0 and ignores["mIoU_queried"] == ignores["mIoU_other"]
+
+
 def test_build_is_cached(tiny):
     mtime = os.path.getmtime(tiny["metrics"])
     assert miniature.build(os.path.dirname(tiny["metrics"]), miniature.ToyConfig.reduced()) == tiny
@@ -113,7 +155,7 @@ def test_build_does_not_depend_on_the_thread_count(tiny, tmp_path):
         assert torch.get_num_threads() == other
     finally:
         torch.set_num_threads(threads)
-    for name in ("teacher_weak", "teacher", "student"):
+    for name in ("teacher_weak", "teacher_sft", "teacher", "student"):
         a, b = (load_file(f"{p[name]}/model.safetensors") for p in (tiny, paths))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
 
