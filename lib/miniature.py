@@ -73,12 +73,12 @@ class ToyConfig:
     teacher: tuple = (128, 4, 64, 1)  # 2.1x the student's weights (the paper's 32B teacher is 4x its 8B student)
     student_seed: int = 1     # its init; seed 7 never met its stop under transformers 5.25 (docs/LOG.md)
     student_steps: int = 1500  # at most: the student stops as soon as it grounds a little (see build)
-    student_stop: float = 45.0  # validation mIoU, 14 above one constant answer's 31.5: it grounds a little (band 35-60)
+    student_stop: float = 45.0  # validation mIoU, well above one constant answer's: it grounds a little (band 35-60)
     teacher_steps: int = 1200  # the cosine schedule's length (it stops earlier); why not 2,500: docs/LOG.md
     weak_teacher_stop: float = 70.0  # validation mIoU of the weaker teacher (teacher_weak), for the noisy pool
     sft_teacher_stop: float = 85.0  # of the SFT-only teacher (teacher_sft): below what GRPO gets out of the student
-    teacher_stop: float = 92.0  # where the teacher's SFT ends and its GRPO starts (GRPO adds ~2: docs/LOG.md)
-    grpo_steps: int = 500     # the teacher's GRPO with grpo.py: val 92.5 -> 94.7; longer reaches the ceiling (99.2 @700)
+    teacher_stop: float = 92.0  # where the teacher's SFT ends and its GRPO starts (why: docs/LOG.md)
+    grpo_steps: int = 500     # the teacher's GRPO with grpo.py; longer reached the ceiling (docs/LOG.md)
     grpo_lr: float = 1e-4     # grpo.py's miniature lr (3e-4 collapsed the SFT teacher: docs/LOG.md)
     probe_clips: int = 32     # two-event clips, each asked for both events: does a model read the query?
     batch: int = 16
