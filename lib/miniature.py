@@ -3,8 +3,8 @@
 It ships built in miniature/ (MANIFEST.json: a sha256 per file, the versions that built it);
 `python -m lib.miniature --out DIR` rebuilds it from scratch. Its SFT is chaotic: other library versions or
 another CPU can give another miniature (the stops in build are what a build fixes, not the models). A build makes:
-  1. mp4 clips (read like Charades videos): coloured shapes, each visible during its own whole-second interval; the
-     query names one ("the red circle"), its interval is the answer. Train/val/test in data.py's plain JSONL (val:
+  1. mp4 clips (lib/miniature_clips.py, read like Charades videos): coloured shapes, each visible during its own
+     whole-second interval; the query names one ("the red circle"), its interval is the answer. Train/val/test in data.py's plain JSONL (val:
      SFT's stop and every tuning); train_noisy.jsonl with a share of wrong spans, listed in noisy.json (TVDF's TRPV);
      probe.jsonl: two-event clips, each asked for both events (query_dependence);
   2. an offline byte-level BPE tokenizer with the Qwen3-VL special tokens and chat template (digits one per token);
@@ -30,20 +30,18 @@ import sys
 import time
 import dataclasses
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
 import data
 import eval as ev
 import rollout
+from lib.miniature_clips import COLOURS, SHAPES, make_clips, make_noisy, make_probe
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MINIATURE = os.path.join(REPO, "miniature")  # the shipped build
 REBUILD = "runs/toy"  # `python -m lib.miniature`'s default --out (runs/ is ignored by git)
 
-COLOURS = {"red": (230, 30, 30), "green": (30, 200, 30), "blue": (40, 60, 240)}
-SHAPES = ("circle", "square", "triangle")
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
            "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>", "<|vision_end|>",
            "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
@@ -92,109 +90,6 @@ class ToyConfig:
         # 150 steps: enough for the answer format, so rollouts parse and earn rewards in the tests
         return ToyConfig(n_train=16, n_test=8, n_val=8, student_steps=150, teacher_steps=150, batch=4, grpo_steps=2,
                          probe_clips=4)
-
-
-# ----------------------------------------------------------------------------- 1. clips
-def _draw(img, shape, colour, cx, cy, r):
-    yy, xx = np.mgrid[:img.shape[0], :img.shape[1]]
-    if shape == "circle":
-        m = (xx - cx) ** 2 + (yy - cy) ** 2 <= r * r
-    elif shape == "square":
-        m = (abs(xx - cx) <= r) & (abs(yy - cy) <= r)
-    else:
-        m = (yy >= cy - r) & (yy <= cy + r) & (abs(xx - cx) <= (yy - (cy - r)) / 2)
-    img[m] = colour
-
-
-def make_clip(path, rng, cfg):
-    """Write one clip; return [(query, (start, end))] for its shapes (distinct colours, own intervals).
-
-    Each shape fills its own quadrant of the frame (one 16x16 vision patch) and the grey background brightens second
-    by second: with small shapes tiny models sat on a constant answer (docs/LOG.md).
-    """
-    import av
-    colours = rng.sample(list(COLOURS), cfg.shapes)
-    quadrants = rng.sample([(0, 0), (0, 1), (1, 0), (1, 1)], cfg.shapes)
-    half = cfg.frame // 2
-    objs = []
-    for c, (qy, qx) in zip(colours, quadrants):
-        length = rng.randint(1, max(1, cfg.seconds // 2))
-        start = rng.randint(0, cfg.seconds - length)
-        objs.append((rng.choice(SHAPES), c, qx * half + half // 2, qy * half + half // 2, half // 2 - 1,
-                     start, start + length))
-    with av.open(path, "w") as out:
-        stream = out.add_stream("libx264", rate=cfg.src_fps, options={"crf": "8", "preset": "ultrafast"})
-        stream.width = stream.height = cfg.frame
-        stream.pix_fmt = "yuv420p"
-        for i in range(cfg.seconds * cfg.src_fps):
-            second = i // cfg.src_fps
-            img = np.full((cfg.frame, cfg.frame, 3), 10 + 160 * second // cfg.seconds, np.uint8)
-            for shape, c, x, y, r, s, e in objs:
-                if s <= second < e:
-                    _draw(img, shape, COLOURS[c], x, y, r)
-            for pkt in stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
-                out.mux(pkt)
-        for pkt in stream.encode():
-            out.mux(pkt)
-    return [(f"the {c} {shape}", (float(s), float(e))) for shape, c, x, y, r, s, e in objs]
-
-
-def make_clips(out, cfg):
-    """Clips + train.jsonl/test.jsonl/val.jsonl (one query per clip, every clip its own) under `out`. Video paths are
-    relative to the annotation file (data.load_annotations reads them so), so the folder can move or ship."""
-    rng = random.Random(cfg.seed)
-    os.makedirs(f"{out}/videos", exist_ok=True)
-    for split, n in (("train", cfg.n_train), ("test", cfg.n_test), ("val", cfg.n_val)):
-        samples = []
-        for i in tqdm(range(n), desc=f"clips ({split})"):
-            path = f"{out}/videos/{split}{i:05d}.mp4"
-            query, span = rng.choice(make_clip(path, rng, cfg))
-            samples.append(data.Sample(os.path.relpath(path, out), query, span, float(cfg.seconds), f"{split}{i:05d}"))
-        data.write_jsonl(samples, f"{out}/{split}.jsonl")
-
-
-def make_probe(out, cfg):
-    """probe.jsonl: cfg.probe_clips clips with two events, each clip asked for both (ids CLIP#0, CLIP#1, in pairs).
-    Not for training: it measures whether a model reads the query (query_dependence)."""
-    rng = random.Random(cfg.seed + 3)
-    two = dataclasses.replace(cfg, shapes=2)
-    os.makedirs(f"{out}/videos", exist_ok=True)
-    samples = []
-    for i in range(cfg.probe_clips):
-        path = f"{out}/videos/probe{i:05d}.mp4"
-        for j, (query, span) in enumerate(make_clip(path, rng, two)):
-            samples.append(data.Sample(os.path.relpath(path, out), query, span, float(cfg.seconds), f"probe{i:05d}#{j}"))
-    data.write_jsonl(samples, f"{out}/probe.jsonl")
-
-
-def make_noisy(out, cfg):
-    """train_noisy.jsonl: train.jsonl with a cfg.noisy_share of its spans replaced by a wrong one (a random span
-    of IoU < 0.3 with the truth); noisy.json lists those ids with both spans. Why (ours): real annotations are noisy
-    (20% is our stand-in, not a measured rate), and TVDF's TRPV drops such samples; the clean file is the default.
-    """
-    rng = random.Random(cfg.seed + 2)
-    samples, wrong = data.load_annotations(f"{out}/train.jsonl"), {}
-    for i in rng.sample(range(len(samples)), round(cfg.noisy_share * len(samples))):
-        s = samples[i]
-        while True:
-            start = rng.randint(0, cfg.seconds - 1)
-            span = (float(start), float(rng.randint(start + 1, min(cfg.seconds, start + cfg.seconds // 2))))
-            if ev.iou(span, s.span) < 0.3:
-                break
-        wrong[s.id] = {"given": span, "true": s.span}
-        samples[i] = dataclasses.replace(s, span=span)
-    data.write_jsonl([dataclasses.replace(s, video=os.path.relpath(s.video, out)) for s in samples],
-                     f"{out}/train_noisy.jsonl")
-    with open(f"{out}/noisy.json", "w") as f:
-        json.dump(wrong, f, indent=0)
-
-
-def save_strip(sample, path, scale=4):
-    """One clip's frames, one per second, side by side as a PNG (made docs/miniature_clip.png)."""
-    from PIL import Image
-    frames, _ = data.load_video(sample.video)
-    strip = np.concatenate(list(frames[::2]), 1)  # one frame per second
-    Image.fromarray(strip).resize((strip.shape[1] * scale, strip.shape[0] * scale), Image.NEAREST).save(path)
 
 
 # ----------------------------------------------------------------------------- 2. tokenizer and processor
@@ -453,10 +348,36 @@ def miniature_paths(out):
             "test": f"{out}/test.jsonl", "probe": f"{out}/probe.jsonl", "metrics": f"{out}/metrics.json"}
 
 
-def sft_splits(paths, cfg):
-    """The SFT data, decoded: (fit, val, test), each (samples, videos); val.jsonl decides when SFT stops."""
-    splits = [data.load_annotations(paths[k]) for k in ("train", "val", "test")]
+def sft_splits(paths, cfg, names=("train", "val", "test")):
+    """The named splits decoded, each (samples, videos): (fit, val, test) by default; val decides when SFT stops."""
+    splits = [data.load_annotations(paths[k]) for k in names]
     return [(s, [data.load_video(x.video) for x in tqdm(s, desc="decode clips")]) for s in splits]
+
+
+def measure(path, processor, test, probe):
+    """metrics.json's row of a saved model (test, probe: (samples, videos)): greedy metrics, weights, spread, query."""
+    model, _ = rollout.load_model(path)
+    row = toy_metrics(model, processor, *test)
+    row["params"] = sum(p.numel() for p in model.parameters())
+    row["sampled_reward_spread_%"] = reward_spread(model, processor, test[0][:16], test[1][:16])
+    row["query"] = query_dependence(model, processor, *probe)
+    return row
+
+
+def make_teachers(processor, fit, val, paths, cfg, start):
+    """One SFT run, saved at its first validation mIoU >= each stop (looked at often: it jumps): a weaker teacher
+    (ours, for TVDF and off-policy), the SFT-only teacher, then `start`, which GRPO post-trains into the teacher.
+    Returns the SFT steps of each."""
+    teacher = make_model(processor, cfg.teacher, cfg.seed + len("teacher"))
+    state, steps = None, {}
+    for path, target in ((paths["teacher_weak"], cfg.weak_teacher_stop), (paths["teacher_sft"], cfg.sft_teacher_stop),
+                         (start, cfg.teacher_stop)):
+        _, steps[os.path.basename(path)], state = sft(teacher, processor, *fit, cfg.teacher_steps, cfg, "SFT teacher",
+                                                      val=val, stop=lambda m: m["mIoU"] >= target, state=state)
+        teacher.save_pretrained(path)
+        processor.save_pretrained(path)
+    grpo_teacher(start, paths, cfg)
+    return steps
 
 
 def build(out=REBUILD, cfg=None):
@@ -470,49 +391,26 @@ def build(out=REBUILD, cfg=None):
     make_noisy(out, cfg)
     make_probe(out, cfg)
     processor = make_processor(f"{out}/processor", cfg)
-    fit, val, (test, test_v) = sft_splits(paths, cfg)
-    probe = data.load_annotations(paths["probe"])
-    probe_v = [data.load_video(s.video) for s in probe]
-    report = {}
-
-    folders = paths | {"teacher_start": f"{out}/teacher-start"}  # the GRPO's start: measured, not shipped
-
-    def measure(name):
-        model, _ = rollout.load_model(folders[name])
-        report[name] = toy_metrics(model, processor, test, test_v)
-        report[name]["params"] = sum(p.numel() for p in model.parameters())
-        report[name]["sampled_reward_spread_%"] = reward_spread(model, processor, test[:16], test_v[:16])
-        report[name]["query"] = query_dependence(model, processor, probe, probe_v)
-
-    def save(model, name):
-        model.save_pretrained(folders[name])
-        processor.save_pretrained(folders[name])
-        measure(name)
-
-    # one SFT run, saved at its first validation mIoU >= each stop (looked at often: it jumps): a weaker teacher (ours,
-    # for TVDF and off-policy), the SFT-only teacher, then the teacher's start, which GRPO post-trains
-    teacher = make_model(processor, cfg.teacher, cfg.seed + len("teacher"))
-    state = None
-    for name, target in (("teacher_weak", cfg.weak_teacher_stop), ("teacher_sft", cfg.sft_teacher_stop),
-                         ("teacher_start", cfg.teacher_stop)):
-        _, steps, state = sft(teacher, processor, *fit, cfg.teacher_steps, cfg, "SFT teacher", val=val,
-                              stop=lambda m: m["mIoU"] >= target, state=state)
-        report.setdefault("teacher_sft_steps", {})[name] = steps
-        save(teacher, name)
-    grpo_teacher(folders["teacher_start"], paths, cfg)
-    measure("teacher")
-    shutil.rmtree(folders["teacher_start"])
+    fit, val, test, probe = sft_splits(paths, cfg, ("train", "val", "test", "probe"))
+    start = f"{out}/teacher-start"  # the teacher's GRPO start: measured, not shipped
+    report = {"teacher_sft_steps": make_teachers(processor, fit, val, paths, cfg, start)}
+    for name, path in (("teacher_weak", paths["teacher_weak"]), ("teacher_sft", paths["teacher_sft"]),
+                       ("teacher_start", start), ("teacher", paths["teacher"])):
+        report[name] = measure(path, processor, test, probe)
+    shutil.rmtree(start)
     # the student stops once it grounds a little, imprecisely, as base Qwen3-VL does (it jumps: look often)
     student = make_model(processor, cfg.student, cfg.student_seed)
     _, report["student_sft_steps"], _ = sft(student, processor, *fit, cfg.student_steps, cfg, "SFT student", val=val,
                                             stop=lambda m: m["mIoU"] >= cfg.student_stop,
                                             eval_every=5, feedback_share=cfg.feedback_share)
-    save(student, "student")
+    student.save_pretrained(paths["student"])
+    processor.save_pretrained(paths["student"])
+    report["student"] = measure(paths["student"], processor, test, probe)
     if report["student_sft_steps"] == cfg.student_steps:  # a knife-edge (docs/LOG.md): say so
         print("warning: the student never met its stop: this is not the miniature docs/results.md's numbers come from")
     # can it read VISD's feedback? greedy mIoU with the judge's verdict on its own greedy answer in the prompt
-    verdicts = [ev.judge(a, s)["feedback"] for a, s in zip(greedy_answers(student, processor, test, test_v), test)]
-    report["student"]["mIoU_with_feedback"] = toy_metrics(student, processor, test, test_v, verdicts)["mIoU"]
+    verdicts = [ev.judge(a, s)["feedback"] for a, s in zip(greedy_answers(student, processor, *test), test[0])]
+    report["student"]["mIoU_with_feedback"] = toy_metrics(student, processor, *test, verdicts)["mIoU"]
     report["bands"] = bands(report)
     report["build_seconds"] = round(time.time() - t0, 1)
     report["config"] = dataclasses.asdict(cfg)  # what built it (dpo.py --pre-sft rebuilds the student's SFT)

@@ -8,7 +8,7 @@ import pytest
 import data
 import eval as ev
 import rollout
-from lib import miniature
+from lib import miniature, miniature_clips
 
 
 def test_reduced_build_gives_loadable_models_and_parseable_answers(tiny):
@@ -22,7 +22,8 @@ def test_reduced_build_gives_loadable_models_and_parseable_answers(tiny):
     # the clips are real video files decord reads, and the query names a colour and a shape
     frames, meta = data.load_video(samples[0].video)
     assert frames.shape[1:] == (32, 32, 3) and meta["fps"] == 4.0
-    assert any(c in samples[0].query for c in miniature.COLOURS) and any(s in samples[0].query for s in miniature.SHAPES)
+    assert any(c in samples[0].query for c in miniature_clips.COLOURS)
+    assert any(s in samples[0].query for s in miniature_clips.SHAPES)
     # the annotations name their videos relative to themselves, so a built miniature can move (and ship)
     assert all(not json.loads(line)["video"].startswith("/") for line in open(tiny["test"]))
     # a parseable answer needs a model that learned the format: teach the reduced teacher the format in a few steps
@@ -121,7 +122,7 @@ def test_bands_are_measured_and_judged():
 def test_query_dependence_compares_the_pair(tmp_path, monkeypatch):
     """probe.jsonl holds each two-event clip twice, once per event; query_dependence tells a model that reads the
     query (its answers are the queried spans) from one that does not (the first event's span for both queries)."""
-    miniature.make_probe(str(tmp_path), dataclasses.replace(miniature.ToyConfig.reduced(), probe_clips=2))
+    miniature_clips.make_probe(str(tmp_path), dataclasses.replace(miniature.ToyConfig.reduced(), probe_clips=2))
     probe = data.load_annotations(str(tmp_path / "probe.jsonl"))
     assert [s.id.split("#")[1] for s in probe] == ["0", "1", "0", "1"]
     assert probe[0].video == probe[1].video and probe[0].query != probe[1].query
@@ -164,25 +165,25 @@ def test_clip_shows_the_shape_during_its_interval_only(tmp_path):
     import random
     cfg = miniature.ToyConfig(shapes=3)
     path = str(tmp_path / "c.mp4")
-    objs = miniature.make_clip(path, random.Random(1), cfg)
+    objs = miniature_clips.make_clip(path, random.Random(1), cfg)
     frames, meta = data.load_video(path)
     times = [i / meta["fps"] for i in meta["frames_indices"]]
     for q, (s, e) in objs:
-        channel = list(miniature.COLOURS).index(q.split()[1])
+        channel = list(miniature_clips.COLOURS).index(q.split()[1])
         visible = [(f[..., channel].astype(int) - f.mean(-1) > 60).sum() > 20 for f in frames]
         assert visible == [s <= t < e for t in times], (q, s, e)
 
 
 @pytest.mark.slow
 def test_full_build_meets_its_targets(tmp_path):
-    """The default miniature (minutes): a good teacher, not a perfect one (headroom), and a weaker student that still
-    uses the video."""
+    """The default miniature (about 10 minutes): the bands it is built to meet (the query bands are not: docs/LOG.md),
+    and teachers ordered weak < SFT-only < SFT then GRPO, each clearly above the student."""
     paths = miniature.build(str(tmp_path / "toy"))
     m = json.load(open(paths["metrics"]))
-    assert 80 <= m["teacher"]["mIoU"] <= 92
-    assert m["student"]["parseable"] >= 95 and m["student"]["distinct"] >= 10
-    assert m["teacher"]["mIoU"] - m["student"]["mIoU"] >= 20
-    # the weaker teacher: clearly imperfect, still clearly above the student
-    assert m["student"]["mIoU"] + 10 <= m["teacher_weak"]["mIoU"] <= m["teacher"]["mIoU"] - 10
-    assert m["student"]["sampled_reward_spread_%"] > 0
-    assert m["build_seconds"] < 600
+    met = {b["what"]: b["ok"] for b in m["bands"]}
+    for band in ("student test mIoU in 35-60", "student sampled answers differ in IoU (% of prompts) > 0",
+                 "teacher below the ceiling: test mIoU < 97", "teacher has >= 2x the student's weights"):
+        assert met[band], (band, m["bands"])
+    assert m["student"]["parseable"] >= 95
+    assert m["student"]["mIoU"] + 10 <= m["teacher_weak"]["mIoU"] < m["teacher_sft"]["mIoU"] < m["teacher"]["mIoU"]
+    assert m["build_seconds"] < 1200

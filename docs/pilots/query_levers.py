@@ -8,7 +8,7 @@ import dataclasses, json, os, random, sys, time
 import torch
 sys.path.insert(0, os.environ.get("PROJECT", "."))
 import data, eval as ev
-from lib import miniature as toy
+from lib import miniature as toy, miniature_clips
 out, steps = sys.argv[1], int(sys.argv[2])
 size = tuple(int(x) for x in sys.argv[3:7])
 wd = float(sys.argv[7])
@@ -24,10 +24,10 @@ def pm(query, feedback=None):
 data.prompt_messages = pm
 if os.environ.get("FIXQ"):
     import inspect
-    src = inspect.getsource(toy.make_clip).replace("quadrants = rng.sample([(0, 0), (0, 1), (1, 0), (1, 1)], cfg.shapes)",
+    src = inspect.getsource(miniature_clips.make_clip).replace("quadrants = rng.sample([(0, 0), (0, 1), (1, 0), (1, 1)], cfg.shapes)",
         "quadrants = [{'red': (0, 0), 'green': (0, 1), 'blue': (1, 0)}[c] for c in colours]")
     assert "'red': (0, 0)" in src
-    ns = dict(vars(toy)); exec(src, ns); toy.make_clip = ns["make_clip"]
+    ns = dict(vars(miniature_clips)); exec(src, ns); miniature_clips.make_clip = ns["make_clip"]
 cfg = toy.ToyConfig(shapes=2, n_train=n_clips, n_val=64, n_test=0, teacher=size, seed=0)
 os.makedirs(f"{out}/videos", exist_ok=True)
 rng = random.Random(0)
@@ -35,7 +35,7 @@ def clips(split, n):
     s = []
     for i in range(n):
         p = f"{out}/videos/{split}{i:05d}.mp4"
-        for j, (q, span) in enumerate(toy.make_clip(p, rng, cfg)):
+        for j, (q, span) in enumerate(miniature_clips.make_clip(p, rng, cfg)):
             s.append(data.Sample(p, q, span, float(cfg.seconds), f"{split}{i}#{j}"))
     return s
 t0 = time.time()
