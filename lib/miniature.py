@@ -4,9 +4,9 @@ It ships built in miniature/ (MANIFEST.json: a sha256 per file, the versions tha
 `python -m lib.miniature --out DIR` rebuilds it from scratch. Its SFT is chaotic: other library versions or
 another CPU can give another miniature (the stops in build are what a build fixes, not the models). A build makes:
   1. mp4 clips (lib/miniature_clips.py, read like Charades videos): coloured shapes, each visible during its own
-     whole-second interval; the query names one ("the red circle"), its interval is the answer. Train/val/test in data.py's plain JSONL (val:
-     SFT's stop and every tuning); train_noisy.jsonl with a share of wrong spans, listed in noisy.json (TVDF's TRPV);
-     probe.jsonl: two-event clips, each asked for both events (query_dependence);
+     whole-second interval; the query names one ("the red circle"), its interval is the answer. Train/val/test in
+     data.py's plain JSONL (val: SFT's stop and every tuning); train_noisy.jsonl with a share of wrong spans, listed in
+     noisy.json (TVDF's TRPV); probe.jsonl: two-event clips, each asked for both events (query_dependence);
   2. an offline byte-level BPE tokenizer with the Qwen3-VL special tokens and chat template (digits one per token);
   3. a smaller student and a teacher with 2x its weights, tiny Qwen3VLForConditionalGeneration models (random init),
      each saved beside a real Qwen3VLProcessor, so rollout.load_model("miniature/teacher") takes the path of a hub
@@ -282,7 +282,8 @@ def query_dependence(model, processor, samples, videos):
     rows = greedy_answers(model, processor, samples, videos)
     preds = [data.parse_span(a) for a in rows]
     other = [samples[i ^ 1].span for i in range(len(samples))]  # the pair's other event
-    return {"differ_%": round(100.0 * sum(rows[i] != rows[i + 1] for i in range(0, len(rows), 2)) / (len(rows) // 2), 1),
+    pairs = list(zip(rows[::2], rows[1::2]))
+    return {"differ_%": round(100.0 * sum(a != b for a, b in pairs) / len(pairs), 1),
             "mIoU_queried": round(ev.compute_metrics(preds, [s.span for s in samples])["mIoU"], 1),
             "mIoU_other": round(ev.compute_metrics(preds, other)["mIoU"], 1)}
 
@@ -334,8 +335,8 @@ def bands(report):
              t["params"] >= 2 * s["params"]),
             ("teacher's greedy answers differ between a clip's queries: >= 80% of clips", q["differ_%"],
              q["differ_%"] >= 80),
-            ("teacher mIoU on the queried event - on the other event >= 25", round(q["mIoU_queried"] - q["mIoU_other"], 1),
-             q["mIoU_queried"] - q["mIoU_other"] >= 25)]
+            ("teacher mIoU on the queried event - on the other event >= 25",
+             round(q["mIoU_queried"] - q["mIoU_other"], 1), q["mIoU_queried"] - q["mIoU_other"] >= 25)]
     return [{"what": w, "value": v, "ok": bool(ok)} for w, v, ok in rows]
 
 

@@ -87,7 +87,8 @@ def make_probe(out, cfg):
     for i in range(cfg.probe_clips):
         path = f"{out}/videos/probe{i:05d}.mp4"
         for j, (query, span) in enumerate(make_clip(path, rng, two)):
-            samples.append(data.Sample(os.path.relpath(path, out), query, span, float(cfg.seconds), f"probe{i:05d}#{j}"))
+            video = os.path.relpath(path, out)
+            samples.append(data.Sample(video, query, span, float(cfg.seconds), f"probe{i:05d}#{j}"))
     data.write_jsonl(samples, f"{out}/probe.jsonl")
 
 
