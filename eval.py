@@ -212,9 +212,11 @@ def parse_args():
                    "stopping")
     p.add_argument("--compare", nargs="+", metavar="RUN", help="compare training runs (folders with log.jsonl)")
     p.add_argument("--compare-out", default="runs/compare", help="writes COMPARE_OUT.json and COMPARE_OUT.png")
-    p.add_argument("--target", type=float, help="time-to-target mIoU (default: the weakest run's best)")
+    p.add_argument("--target", type=float, help="time-to-target mIoU (default: the weakest run's best, or with "
+                   "--baseline its best)")
     p.add_argument("--baseline", metavar="CONFIG", help="time-to-target the paper's way: the target is CONFIG's best "
-                   "mIoU (mean over its seeds CONFIG-sN), and compare.json gets each configuration's time ratio")
+                   "mIoU (mean over its seeds CONFIG-sN) unless --target is given, and compare.json gets each "
+                   "configuration's time ratio to CONFIG's")
     args = p.parse_args()
     if args.compare:
         return args

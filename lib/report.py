@@ -22,7 +22,8 @@ def compare(runs, out="compare", target=None, baseline=None):
     mIoU, mean over its seeds; each run's time_to_target_s is the training wall-clock (evaluation excluded) at its
     first evaluation at or above it (NaN if never), and compare.json's "ratio" holds, per configuration, the mean
     and std of time_to_target_s / the baseline's mean time_to_target_s over the seeds that reach the target, and
-    how many do. Without a baseline the target is `target` (an mIoU) or else the weakest run's best mIoU.
+    how many do. With both, `target` is the target (fixed before the runs) and the ratios are over the baseline's
+    time to it. Without a baseline the target is `target` (an mIoU) or else the weakest run's best mIoU.
     """
     curves, costs = read_runs(runs)
     base_runs = []
@@ -30,6 +31,7 @@ def compare(runs, out="compare", target=None, baseline=None):
         base_runs = [r for r in curves if config(r) == baseline.rstrip("/")]
         if not base_runs:
             raise data.DataError(f"--baseline {baseline}: none of the runs is it or one of its seeds (NAME-sN)")
+    if baseline is not None and target is None:
         target = float(np.mean([best(curves[r]) for r in base_runs]))
     elif target is None:
         target = min(best(evals) for evals in curves.values())
@@ -83,7 +85,10 @@ def run_summary(evals, target):
 def time_ratios(summary, base_runs, baseline):
     """Per configuration: mean and std over its seeds of time_to_target_s / the baseline's mean, and how many
     seeds reach the target at all (a seed that never does is counted, not averaged)."""
-    base_time = float(np.nanmean([summary[r]["time_to_target_s"] for r in base_runs]))
+    base_times = [summary[r]["time_to_target_s"] for r in base_runs]
+    base_time = float(np.nanmean(base_times)) if any(t == t for t in base_times) else float("nan")
+    if base_time != base_time:
+        print(f"no seed of {baseline} reaches the target: no ratio (NaN)")
     if base_time == 0:  # its best is its start (step 0): every run is "there" at 0 s
         print(f"{baseline}'s best mIoU is its start: there is no time to it, so no ratio (NaN)")
     ratio = {}
@@ -117,8 +122,7 @@ def print_tables(summary, costs, ratio, baseline, target):
         print("\nmean ± std over seeds")
         show("config", seeds, lambda v: f"{v[0]:8.1f} ±{v[1]:4.1f}")
     if ratio:
-        print(f"\ntime to {baseline}'s best mIoU ({target:.1f}), over {baseline}'s "
-              "(mean ± std over seeds; NaN: never)")
+        print(f"\ntime to mIoU {target:.1f}, over {baseline}'s time to it (mean ± std over seeds; NaN: never)")
         for name, r in ratio.items():
             print(f"{name:<{width}}{r['mean']:8.2f} ±{r['std']:5.2f}   "
                   f"({r['reached']} of {r['seeds']} seeds reach it)")

@@ -270,3 +270,20 @@ def test_compare_against_a_baseline_whose_best_is_its_start(tmp_path):
     assert all(r["target_mIoU"] == 70 and r["time_to_target_s"] == 0 for r in out.values())
     ratio = {os.path.basename(k): v for k, v in json.load(open(tmp_path / "cmp.json"))["ratio"].items()}
     assert ratio["fast"]["mean"] != ratio["fast"]["mean"] and ratio["fast"]["reached"] == 1
+
+
+def test_compare_a_fixed_target_against_a_baseline(tmp_path):
+    """--target with --baseline: the target is the fixed mIoU (fixed before the runs), the ratio is over the
+    baseline's time to it; a baseline that never reaches it gives no ratio (NaN), and its seeds are counted."""
+    _fake_run(tmp_path / "base-s0", [50, 60, 72, 80], step_time=1.0)  # 70 at step 20
+    _fake_run(tmp_path / "base-s1", [50, 71, 75, 80], step_time=1.0)  # 70 at step 10
+    _fake_run(tmp_path / "fast-s0", [50, 75, 90], step_time=1.0)      # at step 10: ratio 10 / 15
+    runs = [str(tmp_path / n) for n in ("base-s0", "base-s1", "fast-s0")]
+    out = report.compare(runs, str(tmp_path / "cmp"), target=70, baseline=str(tmp_path / "base"))
+    assert all(r["target_mIoU"] == 70 for r in out.values())
+    ratio = {os.path.basename(k): v for k, v in json.load(open(tmp_path / "cmp.json"))["ratio"].items()}
+    assert ratio["fast"]["mean"] == pytest.approx(10 / 15) and ratio["base"]["reached"] == 2
+    report.compare(runs, str(tmp_path / "cmp2"), target=85, baseline=str(tmp_path / "base"))
+    ratio = {os.path.basename(k): v for k, v in json.load(open(tmp_path / "cmp2.json"))["ratio"].items()}
+    assert ratio["fast"]["reached"] == 1 and ratio["fast"]["mean"] != ratio["fast"]["mean"]
+    assert ratio["base"]["reached"] == 0
