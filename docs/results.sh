@@ -1,5 +1,5 @@
 #!/bin/bash
-# Regenerates every number of docs/results.md's first section: bash docs/results.sh (from the repo root).
+# Regenerates every number of docs/results.md's section on the races: bash docs/results.sh (from the repo root).
 #
 # The protocol (the same for every method; docs/results.md, issue 44):
 #   1. the shipped miniature (miniature/; python -m lib.miniature --out DIR rebuilds it): the teacher made the
@@ -25,8 +25,8 @@ VAL="--eval-data miniature/val.jsonl"
 # GRPO's own best test mIoU (mean of its seeds); (b) mIoU 50, about 7 points above the student's 43.2 (chosen after
 # one-seed validation pilots in which OPD passed 50 and GRPO stayed near its start, docs/LOG.md 2026-12-07).
 TARGET=50
-# The budgets, each method's grid length: from the 2026-12-07 validation pilots, GRPO moved until step ~1,000 at the
-# lrs that moved it, the full KL peaked by step 200-300 and Eq. 5-6 is slower (2026-12-06: 800 steps).
+# The budgets, each method's grid length: GRPO 3,000 and Eq. 5-6 800 as on 2026-12-06 (GRPO's 2026-12-07 pilots
+# were still near their start at step 1,000); the full KL 600, twice where its pilot peaked (step 175).
 GRPO_STEPS=3000; SAMPLED_STEPS=800; OPD_STEPS=600
 run() {  # OUT COMMAND...: nothing for a finished run; else the command, resuming or replacing an unfinished one
   local out=$1; shift

@@ -31,7 +31,7 @@ def compare(runs, out="compare", target=None, baseline=None):
         base_runs = [r for r in curves if config(r) == baseline.rstrip("/")]
         if not base_runs:
             raise data.DataError(f"--baseline {baseline}: none of the runs is it or one of its seeds (NAME-sN)")
-    if baseline is not None and target is None:
+    if target is None and base_runs:
         target = float(np.mean([best(curves[r]) for r in base_runs]))
     elif target is None:
         target = min(best(evals) for evals in curves.values())
@@ -85,9 +85,9 @@ def run_summary(evals, target):
 def time_ratios(summary, base_runs, baseline):
     """Per configuration: mean and std over its seeds of time_to_target_s / the baseline's mean, and how many
     seeds reach the target at all (a seed that never does is counted, not averaged)."""
-    base_times = [summary[r]["time_to_target_s"] for r in base_runs]
-    base_time = float(np.nanmean(base_times)) if any(t == t for t in base_times) else float("nan")
-    if base_time != base_time:
+    base_times = [t for t in (summary[r]["time_to_target_s"] for r in base_runs) if t == t]  # NaN: never
+    base_time = float(np.mean(base_times)) if base_times else float("nan")
+    if not base_times:
         print(f"no seed of {baseline} reaches the target: no ratio (NaN)")
     if base_time == 0:  # its best is its start (step 0): every run is "there" at 0 s
         print(f"{baseline}'s best mIoU is its start: there is no time to it, so no ratio (NaN)")
