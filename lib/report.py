@@ -100,6 +100,12 @@ def time_ratios(summary, base_runs, baseline):
     return ratio
 
 
+def mean_std(values):
+    """Mean and std over the seeds that have a value (NaN: never reached); NaN, not a warning, when none has."""
+    kept = [v for v in values if v == v]
+    return (float(np.mean(kept)), float(np.std(kept))) if kept else (float("nan"), float("nan"))
+
+
 def print_tables(summary, costs, ratio, baseline, target):
     """Print the runs, their step-time split, the mean ± std over seeds and the time ratios -> the seeds table."""
     width = max(len(r) for r in summary) + 2
@@ -116,8 +122,7 @@ def print_tables(summary, costs, ratio, baseline, target):
     for run, row in summary.items():
         groups.setdefault(config(run), []).append(row)
     cols = list(next(iter(summary.values())))
-    seeds = {g: {k: (float(np.nanmean([r[k] for r in rows])), float(np.nanstd([r[k] for r in rows]))) for k in cols}
-             for g, rows in groups.items() if len(rows) > 1}
+    seeds = {g: {k: mean_std([r[k] for r in rows]) for k in cols} for g, rows in groups.items() if len(rows) > 1}
     if seeds:
         print("\nmean ± std over seeds")
         show("config", seeds, lambda v: f"{v[0]:8.1f} ±{v[1]:4.1f}")
