@@ -75,7 +75,8 @@ python eval.py --compare "${HEAD[@]}" --baseline $R/grpo --target $TARGET --comp
 
 stamp "3b. GRPO 16 x 8"
 # 3b. equal prompts per step: GRPO with OPD's 16 prompts, 8 rollouts each, one at a time like the rows above, for
-#     as many prompts as OPD's full-KL runs see (OPD_STEPS steps of 16)
+#     as many prompts as OPD's full-KL runs see (OPD_STEPS steps of 16): an equal-prompts row, not a plateau (on
+#     2026-12-08 every seed was still rising at its last evaluation)
 for s in 0 1 2; do
   run $R/grpo-16x8-s$s python grpo.py --lr $GRPO_LR --prompts-per-step 16 --steps $OPD_STEPS --seed $s
 done | one_at_a_time
