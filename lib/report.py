@@ -82,28 +82,26 @@ def run_summary(evals, target):
             "target_mIoU": target, "target_step": hit["step"], "time_to_target_s": hit["wall"]}
 
 
+def mean_std(values):
+    """Mean and std over the seeds that have a value (NaN: never reached); NaN, not a warning, when none has."""
+    kept = [v for v in values if v == v]
+    return (float(np.mean(kept)), float(np.std(kept))) if kept else (float("nan"), float("nan"))
+
+
 def time_ratios(summary, base_runs, baseline):
     """Per configuration: mean and std over its seeds of time_to_target_s / the baseline's mean, and how many
     seeds reach the target at all (a seed that never does is counted, not averaged)."""
-    base_times = [t for t in (summary[r]["time_to_target_s"] for r in base_runs) if t == t]  # NaN: never
-    base_time = float(np.mean(base_times)) if base_times else float("nan")
-    if not base_times:
+    base_time, _ = mean_std([summary[r]["time_to_target_s"] for r in base_runs])
+    if base_time != base_time:
         print(f"no seed of {baseline} reaches the target: no ratio (NaN)")
     if base_time == 0:  # its best is its start (step 0): every run is "there" at 0 s
         print(f"{baseline}'s best mIoU is its start: there is no time to it, so no ratio (NaN)")
     ratio = {}
     for name in dict.fromkeys(config(r) for r in summary):
         times = [summary[r]["time_to_target_s"] for r in summary if config(r) == name]
-        reached = [t / base_time for t in times if t == t] if base_time > 0 else []  # NaN: never
-        ratio[name] = {"mean": float(np.mean(reached or [np.nan])), "std": float(np.std(reached or [np.nan])),
-                       "reached": sum(t == t for t in times), "seeds": len(times)}
+        mean, std = mean_std([t / base_time for t in times]) if base_time > 0 else (float("nan"), float("nan"))
+        ratio[name] = {"mean": mean, "std": std, "reached": sum(t == t for t in times), "seeds": len(times)}
     return ratio
-
-
-def mean_std(values):
-    """Mean and std over the seeds that have a value (NaN: never reached); NaN, not a warning, when none has."""
-    kept = [v for v in values if v == v]
-    return (float(np.mean(kept)), float(np.std(kept))) if kept else (float("nan"), float("nan"))
 
 
 def print_tables(summary, costs, ratio, baseline, target):
